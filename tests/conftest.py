@@ -1,0 +1,22 @@
+"""Shared pytest set-up: tests/ on sys.path (so helpers import by name) and session-wide generated data."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fixtures import TINY, make_shards, make_synth
+
+
+@pytest.fixture(scope="session")
+def synth_tiny(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny synthetic SSv2 (4 classes in 2 mirror pairs, 20 videos at 48 px). Read-only: copy before changing."""
+    return make_synth(tmp_path_factory.mktemp("synth-tiny"), TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(synth_tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards (train/validation/test) of `synth_tiny`, 3 videos per shard. Read-only."""
+    return make_shards(synth_tiny.videos_dir, synth_tiny.labels_dir, tmp_path_factory.mktemp("shards-tiny"))

@@ -1,0 +1,276 @@
+"""A small HTTP file server for tests, with faults that can be programmed per path.
+
+`FaultyServer(root_dir)` serves the files below `root_dir` on 127.0.0.1 (a free port) from a daemon thread,
+with `Range: bytes=N-` / `bytes=N-M` support (206 + Content-Range, 416 past the end). Faults are keyed by URL
+path (``"/name"`` or ``"name"``) and counted down per request; ``times=None`` means "for every request"::
+
+    with FaultyServer(tmp_path / "www") as srv:
+        srv.drop_after("/a.bin", 100_000)      # first GET: full Content-Length, then close after 100 kB
+        srv.status("/b.bin", 503)              # first GET: 503, later ones are served
+        srv.status("/c.bin", 403, times=None)  # always 403
+        srv.corrupt("/d.bin")                  # same length, wrong bytes
+        srv.ignore_range("/e.bin")             # answer 200 (whole file) even to Range requests
+        srv.require_header("Authorization", "Bearer t0ken")  # 403 for every request without it
+        ...
+        assert srv.requests_for("/a.bin")[1].range == "bytes=100000-"
+
+Order of checks for one request: `status` faults, then `require_header`, then the file (404 when missing), then
+the body faults (`ignore_range`, `corrupt`, `drop_after`). Every request is recorded in `requests`, faulty or not.
+Run ``python tests/httpserver.py DIR [PORT]`` to serve a folder by hand (no faults).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from urllib.parse import unquote, urlsplit
+
+_CHUNK_BYTES = 64 * 1024
+_RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_INVERT = bytes(255 - i for i in range(256))
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    """One request as the server saw it. `headers` has lower-case names; `range` is the raw Range header."""
+
+    method: str
+    path: str
+    query: str
+    range: str | None
+    headers: dict[str, str]
+
+
+@dataclass(slots=True)
+class _Fault:
+    kind: str  # "status", "drop", "corrupt", "ignore_range"
+    times: int | None  # None = forever
+    value: int = 0  # status code, or bytes before the drop
+
+
+def _key(path: str) -> str:
+    return "/" + path.lstrip("/")
+
+
+class FaultyServer:
+    """Serve `root_dir` over HTTP on 127.0.0.1 with programmable faults; a context manager.
+
+    Args:
+        root_dir: folder whose files are served; URL path ``/a/b`` maps to ``root_dir/a/b``.
+    """
+
+    def __init__(self, root_dir: str | Path) -> None:
+        self.root = Path(root_dir).resolve()
+        self.requests: list[RecordedRequest] = []
+        self._faults: dict[str, list[_Fault]] = {}
+        self._required: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- life cycle -------------------------------------------------------------------------------------------
+    def start(self) -> FaultyServer:
+        """Bind a free port and serve from a daemon thread."""
+        handler = type("_BoundHandler", (_Handler,), {"server_state": self})
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        # a short poll interval keeps stop() (hence every test's teardown) fast
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.02}, name="FaultyServer", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> FaultyServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        """The bound port (the server must be started)."""
+        if self._httpd is None:
+            raise RuntimeError("FaultyServer is not running")
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """Base URL without a trailing slash, e.g. ``http://127.0.0.1:40123``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def url_for(self, path: str) -> str:
+        """Full URL of a served path."""
+        return self.url + _key(path)
+
+    # -- faults -----------------------------------------------------------------------------------------------
+    def _add(self, path: str, fault: _Fault) -> None:
+        with self._lock:
+            self._faults.setdefault(_key(path), []).append(fault)
+
+    def drop_after(self, path: str, nbytes: int, times: int | None = 1) -> None:
+        """Send the headers with the full Content-Length, then only `nbytes` of the body, then close."""
+        self._add(path, _Fault("drop", times, nbytes))
+
+    def status(self, path: str, code: int, times: int | None = 1) -> None:
+        """Answer `code` (with a short text body) instead of serving the file."""
+        self._add(path, _Fault("status", times, code))
+
+    def corrupt(self, path: str, times: int | None = None) -> None:
+        """Serve bytes of the right length but the wrong content (every byte inverted)."""
+        self._add(path, _Fault("corrupt", times))
+
+    def ignore_range(self, path: str, times: int | None = None) -> None:
+        """Answer Range requests with 200 and the whole file, like servers without range support."""
+        self._add(path, _Fault("ignore_range", times))
+
+    def require_header(self, name: str, value: str) -> None:
+        """Refuse (403) every request that lacks header `name` with exactly `value`."""
+        with self._lock:
+            self._required[name.lower()] = value
+
+    def clear_faults(self) -> None:
+        """Forget every fault and header requirement (recorded requests are kept)."""
+        with self._lock:
+            self._faults.clear()
+            self._required.clear()
+
+    def _take(self, path: str, kind: str) -> _Fault | None:
+        """Consume one use of the first live fault of `kind` on `path`."""
+        with self._lock:
+            for fault in self._faults.get(path, []):
+                if fault.kind == kind and (fault.times is None or fault.times > 0):
+                    if fault.times is not None:
+                        fault.times -= 1
+                    return fault
+        return None
+
+    # -- inspection -------------------------------------------------------------------------------------------
+    def requests_for(self, path: str) -> list[RecordedRequest]:
+        """Recorded requests for one path, oldest first."""
+        key = _key(path)
+        with self._lock:
+            return [r for r in self.requests if r.path == key]
+
+    def _record(self, req: RecordedRequest) -> None:
+        with self._lock:
+            self.requests.append(req)
+
+    def _missing_header(self, headers: dict[str, str]) -> bool:
+        with self._lock:
+            return any(headers.get(name) != value for name, value in self._required.items())
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, so a dropped connection is a real mid-stream failure
+    server_state: FaultyServer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # keep test output clean
+
+    def do_HEAD(self) -> None:
+        self._serve(send_body=False)
+
+    def do_GET(self) -> None:
+        self._serve(send_body=True)
+
+    def _serve(self, *, send_body: bool) -> None:
+        state = self.server_state
+        split = urlsplit(self.path)
+        path = _key(unquote(split.path))
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        state._record(RecordedRequest(self.command, path, split.query, headers.get("range"), headers))
+        fault = state._take(path, "status")
+        if fault is not None:
+            return self._send_text(fault.value, f"injected status {fault.value}\n")
+        if state._missing_header(headers):
+            return self._send_text(403, "forbidden: missing or wrong credentials\n")
+        file = (state.root / path.lstrip("/")).resolve()
+        if not file.is_relative_to(state.root) or not file.is_file():
+            return self._send_text(404, f"not found: {path}\n")
+        self._send_file(path, file, headers.get("range"), send_body=send_body)
+
+    def _send_text(self, code: int, text: str) -> None:
+        body = text.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_file(self, path: str, file: Path, range_header: str | None, *, send_body: bool) -> None:
+        state = self.server_state
+        size = file.stat().st_size
+        start, end = 0, size - 1
+        match = _RANGE_RE.match(range_header or "")
+        partial = match is not None and state._take(path, "ignore_range") is None
+        if partial:
+            start = int(match.group(1))
+            end = min(int(match.group(2)), size - 1) if match.group(2) else size - 1
+            if start >= size or start > end:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+        length = end - start + 1 if size else 0
+        self.send_response(206 if partial else 200)
+        if partial:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(length))
+        self.send_header("Accept-Ranges", "bytes")
+        self.end_headers()
+        if send_body:
+            self._send_body(path, file, start, length)
+
+    def _send_body(self, path: str, file: Path, start: int, length: int) -> None:
+        state = self.server_state
+        drop = state._take(path, "drop")
+        corrupt = state._take(path, "corrupt") is not None
+        budget = length if drop is None else min(length, drop.value)
+        with open(file, "rb") as fh:
+            fh.seek(start)
+            while budget > 0:
+                chunk = fh.read(min(_CHUNK_BYTES, budget))
+                if not chunk:
+                    break
+                if corrupt:
+                    chunk = chunk.translate(_INVERT)
+                self.wfile.write(chunk)
+                budget -= len(chunk)
+        if drop is not None:
+            self.wfile.flush()
+            self.close_connection = True  # the client sees EOF short of Content-Length
+
+
+def main(argv: list[str]) -> None:
+    """Serve a folder until interrupted: ``python tests/httpserver.py DIR [PORT]``."""
+    root = Path(argv[0]) if argv else Path.cwd()
+    port = int(argv[1]) if len(argv) > 1 else 8000
+    handler = type("_BoundHandler", (_Handler,), {"server_state": FaultyServer(root)})
+    with ThreadingHTTPServer(("127.0.0.1", port), handler) as httpd:
+        print(f"serving {root} at http://127.0.0.1:{port}/ (Ctrl-C to stop)")
+        httpd.serve_forever()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
