@@ -103,7 +103,7 @@ def _labelled_records(path: Path, split: str, class_index: dict[str, int]) -> li
         template = e.get("template")
         name = template_to_class(template) if isinstance(template, str) else None
         if name is None or name not in class_index:
-            unknown.append(str(template))
+            unknown.append(f"{name}" if name is not None else f"<no template in entry {e['id']}>")
             continue
         records.append(
             VideoRecord(
@@ -118,7 +118,7 @@ def _labelled_records(path: Path, split: str, class_index: dict[str, int]) -> li
         )
     if unknown:
         raise AnnotationError(
-            f"{path}: {len(unknown)} entries have a template that is not a class of labels.json: "
+            f"{path}: {len(unknown)} entries have a template whose class (brackets removed) is not in labels.json: "
             f"{_listed(sorted(set(unknown)))}"
         )
     return records

@@ -238,7 +238,7 @@ def test_bad_videos_are_recorded_with_reasons(synth_tiny, tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda e: e[0].update(template="Juggling [something]"), "not a class of labels.json"),
+        (lambda e: e[0].update(template="Juggling [something]"), "is not in labels.json"),
         (lambda e: e[1].update(id=e[0]["id"]), "more than once"),
         (lambda e: e[0].update(id="12.5"), "contain '.' or '/'"),
     ],
