@@ -1,0 +1,132 @@
+"""The comparison a sweep ends with: accuracy (from each variant's eval report) and latency per variant.
+
+Writes `comparison.md`, `comparison.csv` and `comparison.png` (accuracy and latency per variant) into the sweep's
+folder (`{work}/<pipeline name>/`).
+Latency is measured here, in one process, on the same device for every variant: the median forward time of one
+clip (batch 1, the run's frames and crop size) of each variant's trained model, repetitions interleaved.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ssv2prep.errors import ConfigError
+from ssv2prep.fsutil import atomic_write_bytes, atomic_write_text
+from ssv2prep.train.report import markdown_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class VariantResult:
+    """One row of the comparison."""
+
+    name: str
+    shift: str
+    evals: list[dict[str, Any]]
+    latency_ms: float | None
+
+
+def _shift_label(model_cfg: dict[str, Any]) -> str:
+    div = model_cfg["shift_div"]
+    if div == 0:
+        return "none (TSN)"
+    part = "all" if div == 1 else f"1/{div}"
+    return f"{part} {model_cfg['shift_mode']} {model_cfg['shift_place']}"
+
+
+def _latencies(checkpoints: dict[str, Path], *, repeats: int, crop: int) -> dict[str, float]:
+    import torch
+
+    from ssv2prep.train.evaluation import load_for_eval
+
+    models = {name: load_for_eval(path, None)[:2] for name, path in checkpoints.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for rep in range(repeats + 1):  # round-robin so machine noise hits every variant alike; rep 0 warms up
+            for name, (model, cfg) in models.items():
+                x = torch.randn(1, cfg.num_segments, 3, crop, crop)
+                start = time.perf_counter()
+                model(x)
+                if rep:
+                    times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
+def compare_variants(sweep_dir: Path, variants: list[str], *, repeats: int = 5) -> list[VariantResult]:
+    """Read every variant's `<sweep_dir>/<name>/eval/report.json` and checkpoint; write the comparison files there."""
+    reports, checkpoints, configs = {}, {}, {}
+    for name in variants:
+        run = sweep_dir / name
+        report = run / "eval" / "report.json"
+        if not report.is_file():
+            raise ConfigError(f"variant {name}: no {report} (did its eval stage run with out = '{{run}}/eval'?)")
+        reports[name] = json.loads(report.read_text())
+        config = json.loads((run / "config.json").read_text())
+        configs[name] = config
+        checkpoints[name] = run / ("best.pt" if (run / "best.pt").is_file() else "last.pt")
+    crop = next(iter(configs.values()))["data"]["crop_size"]
+    latency = _latencies(checkpoints, repeats=repeats, crop=crop)
+    results = [
+        VariantResult(n, _shift_label(configs[n]["model"]), reports[n]["settings"], latency.get(n)) for n in variants
+    ]
+    _write(sweep_dir, results, crop)
+    return results
+
+
+def _rows(results: list[VariantResult]) -> tuple[list[str], list[list[Any]]]:
+    settings = [(e["crops"], e["clips"]) for e in results[0].evals]
+    headers = ["variant", "shift"] + [f"top-1 {c}x{k}" for c, k in settings] + ["top-5 (first)", "latency ms/clip"]
+    rows = []
+    for r in results:
+        accs = [f"{e['top1']:.1f}" for e in r.evals]
+        rows.append(
+            [
+                r.name,
+                r.shift,
+                *accs,
+                f"{r.evals[0]['top5']:.1f}",
+                f"{r.latency_ms:.1f}" if r.latency_ms is not None else "-",
+            ]
+        )
+    return headers, rows
+
+
+def _plot(results: list[VariantResult], crop: int) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.name for r in results]
+    fig, (acc, lat) = plt.subplots(1, 2, figsize=(11, 4))
+    acc.bar(names, [r.evals[0]["top1"] for r in results], color="tab:blue")
+    acc.set_ylabel("validation top-1 (%)")
+    acc.set_ylim(0, 100)
+    lat.bar(names, [r.latency_ms or 0 for r in results], color="tab:orange")
+    lat.set_ylabel(f"CPU latency per clip, batch 1, {crop} px (ms)")
+    for ax in (acc, lat):
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _write(work_dir: Path, results: list[VariantResult], crop: int) -> None:
+    headers, rows = _rows(results)
+    atomic_write_text(work_dir / "comparison.md", markdown_table(headers, rows) + "\n")
+    buf = io.StringIO()
+    csv.writer(buf).writerows([headers, *rows])
+    atomic_write_text(work_dir / "comparison.csv", buf.getvalue())
+    atomic_write_bytes(work_dir / "comparison.png", _plot(results, crop))

@@ -1,0 +1,99 @@
+"""Checkpoints: every piece of resume state, written atomically by rank 0, read with `weights_only=True`.
+
+Layout of `last.pt` / `best.pt` (a dict of tensors and plain Python values only)::
+
+    {"format": "ssv2prep-checkpoint-v1", "model": state_dict (no wrapper prefixes), "optimizer": ..., "scaler": ...,
+     "epoch": epochs completed, "global_step": optimizer steps taken, "best_top1": float, "config": dict,
+     "classes": [str, ...], "rng": {"torch": ByteTensor, "cuda": [ByteTensor] | [], "python": tuple, "numpy": {...}}}
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssv2prep.errors import CheckpointError
+from ssv2prep.fsutil import make_temp
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ssv2prep-checkpoint-v1"
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every RNG the trainer uses, in a form `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """`torch.save` to a temp file beside `path`, then rename onto it."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = make_temp(target)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save({"format": FORMAT, **state}, fh)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load one of our checkpoints on the CPU (weights only: no code runs from the file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: checkpoint not found")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"{p}: not a readable checkpoint ({' '.join(str(exc).split())[:200]})") from exc
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not an ssv2prep checkpoint (an official TSM .pth? use it with eval/predict)")
+    return obj
+
+
+def is_ours(path: str | Path) -> bool:
+    """True when `path` loads as one of our checkpoints (False for official files and others)."""
+    try:
+        load_checkpoint(path)
+    except CheckpointError:
+        return False
+    return True
+
+
+def check_compatible(saved: dict[str, Any], wanted: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Raise CheckpointError when a resumed run asks for another architecture than the checkpoint holds."""
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, asked {wanted.get(k)!r}" for k in keys if saved.get(k) != wanted.get(k)]
+    if diff:
+        raise CheckpointError("cannot resume: the run folder holds another model (" + "; ".join(diff) + ")")

@@ -1,0 +1,150 @@
+"""`ssv2prep run`: stage skipping, --only/--from, overrides, dry-run, and resume after a killed stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from fixtures import folder_bytes
+
+from ssv2prep.cli import main
+from ssv2prep.errors import ConfigError
+from ssv2prep.pipeline import load_pipeline, options_to_args, run_pipeline, stage_status
+
+TINY_PIPELINE = """
+[pipeline]
+name = "tiny"
+work_dir = "{work}"
+
+[stages.synth]
+args = ["{{work}}/synth"]
+pairs = 2
+train_per_class = 3
+validation_per_class = 1
+test_per_class = 1
+height = 48
+min_frames = 10
+max_frames = 14
+
+[stages.shard]
+videos = "{{work}}/synth/20bn-something-something-v2"
+labels = "{{work}}/synth/labels"
+out = "{{work}}/shards"
+videos_per_shard = 1
+workers = 1
+
+[stages.verify]
+args = ["{{work}}/shards"]
+"""
+
+
+def write_pipeline(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_PIPELINE.format(work=tmp_path / "work"))
+    return path
+
+
+def records(tmp_path: Path) -> dict[str, float]:
+    folder = tmp_path / "work" / ".pipeline" / "tiny"
+    return {p.stem: p.stat().st_mtime_ns for p in folder.glob("*.json")}
+
+
+def test_options_become_cli_flags() -> None:
+    argv = options_to_args({"videos_per_shard": 4, "flip": True, "partial_bn": False, "lr_steps": [20, 40]})
+    assert argv == ["--videos-per-shard", "4", "--flip", "--lr-steps", "20,40"]
+
+
+def test_runs_every_stage_then_skips_them(tmp_path: Path) -> None:
+    pipeline = load_pipeline(write_pipeline(tmp_path))
+    first = run_pipeline(pipeline)
+    assert [(s.name, what) for s, what in first] == [("synth", "ran"), ("shard", "ran"), ("verify", "ran")]
+    index = json.loads((tmp_path / "work/shards/ssv2-train.json").read_text())
+    assert index["num_samples"] == 12 and len(index["shardlist"]) == 12
+    before = records(tmp_path)
+    second = run_pipeline(pipeline)
+    assert [what for _, what in second] == ["skipped"] * 3 and records(tmp_path) == before
+    # --only forces one stage; the others stay untouched
+    only = run_pipeline(pipeline, only="verify")
+    assert [(s.name, what) for s, what in only] == [("verify", "ran")]
+    after = records(tmp_path)
+    assert after["synth"] == before["synth"] and after["verify"] != before["verify"]
+
+
+def test_changed_options_rerun_the_stage(tmp_path: Path) -> None:
+    path = write_pipeline(tmp_path)
+    run_pipeline(load_pipeline(path))
+    changed = load_pipeline(path, ["verify.no_decode=true"])
+    assert [stage_status(changed, s) for s in changed.stages] == ["done", "done", "changed"]
+    assert [what for _, what in run_pipeline(changed)] == ["skipped", "skipped", "ran"]
+
+
+def test_bad_overrides_and_stages_are_config_errors(tmp_path: Path) -> None:
+    path = write_pipeline(tmp_path)
+    with pytest.raises(ConfigError, match="no stage 'train'"):
+        load_pipeline(path, ["train.epochs=2"])
+    with pytest.raises(ConfigError, match="no stage 'nope'"):
+        run_pipeline(load_pipeline(path), only="nope")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[stages.fly]\ncommand = "fly"\n')
+    with pytest.raises(ConfigError, match="unknown command 'fly'"):
+        load_pipeline(bad)
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path: Path) -> None:
+    path = write_pipeline(tmp_path)
+    result = CliRunner().invoke(main, ["run", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("  [")]
+    assert [line.split("]")[0].strip("[ ") for line in lines] == ["pending"] * 3
+    assert "--videos-per-shard 1" in lines[1] and not (tmp_path / "work" / "shards").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_stage_resumes_and_ends_byte_identical(tmp_path: Path) -> None:
+    path = write_pipeline(tmp_path)
+    pipeline = load_pipeline(path)
+    run_pipeline(pipeline, only="synth")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssv2prep", "-q", "run", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    work_records = tmp_path / "work/shards/.ssv2prep-work"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list(work_records.glob("*.json"))) < 3:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its shard stage, as a lost machine would
+    proc.wait()
+    done = len(list(work_records.glob("*.json")))
+    assert 3 <= done < 20, "the shard stage should have been killed part-way"
+    assert stage_status(pipeline, pipeline.stages[1]) == "pending"
+    results = run_pipeline(pipeline)
+    assert [what for _, what in results] == ["skipped", "ran", "ran"]
+    reference = tmp_path / "ref"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ssv2prep",
+            "-q",
+            "shard",
+            "--videos",
+            str(tmp_path / "work/synth/20bn-something-something-v2"),
+            "--labels",
+            str(tmp_path / "work/synth/labels"),
+            "--out",
+            str(reference),
+            "--videos-per-shard",
+            "1",
+        ],
+        check=True,
+    )
+    assert folder_bytes(tmp_path / "work/shards") == folder_bytes(reference)
