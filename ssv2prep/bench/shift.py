@@ -1,0 +1,282 @@
+"""Benchmark: what the temporal shift costs in a TSM forward pass, and our shift op vs the official one.
+
+For each backbone and batch size it times one clip batch through TSN (no shift, the baseline) and through TSM
+with shift_div 8, 4, 2 and all channels, bidirectional and unidirectional, blockres and block, each with our
+shift (`temporal_shift`) and with the official zeros-then-copy shift (`temporal_shift_zeros_copy`). All variants
+of a placement share one model (same weights); the shift settings are switched between calls. Repetitions are
+interleaved round-robin across variants so machine noise hits all of them alike, and medians are reported.
+It also times the bare shift op on a ResNet-50 layer1-sized tensor, forward and forward+backward.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ssv2prep.models.shift import (
+    BIDIRECTIONAL,
+    SHIFT_ALL,
+    SHIFT_IMPLS,
+    UNIDIRECTIONAL,
+    ShiftFn,
+    shift_modules,
+)
+from ssv2prep.models.tsm import SHIFT_PLACES, TSM, ModelConfig, build_tsm
+
+log = logging.getLogger(__name__)
+
+SHIFT_DIVS = (8, 4, 2, SHIFT_ALL)
+SHIFT_MODES_BENCHED = (BIDIRECTIONAL, UNIDIRECTIONAL)
+OURS, OFFICIAL = "fast", "zeros_copy"
+OP_CHANNELS = 256  # ResNet-50 layer1 block input: (N*T, 256, size/4, size/4)
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Variant:
+    shift_div: int  # 0 = no shift
+    shift_mode: str | None
+    shift_place: str | None
+    impl: str | None
+
+
+def _variants() -> list[_Variant]:
+    shifted = [
+        _Variant(div, mode, place, impl)
+        for place, div, mode, impl in itertools.product(SHIFT_PLACES, SHIFT_DIVS, SHIFT_MODES_BENCHED, (OURS, OFFICIAL))
+    ]
+    return [_Variant(0, None, None, None), *shifted]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _build_models(backbone: str, segments: int, device: torch.device) -> dict[str | None, TSM]:
+    """One eval model per placement (plus the TSN baseline under key None), all from the same seed."""
+    models: dict[str | None, TSM] = {}
+    for place in (None, *SHIFT_PLACES):
+        torch.manual_seed(0)
+        cfg = ModelConfig(
+            backbone=backbone, num_segments=segments, shift_div=8 if place else 0, shift_place=place or "blockres"
+        )
+        models[place] = build_tsm(cfg).to(device).eval()
+    return models
+
+
+def _configure(model: TSM, variant: _Variant) -> None:
+    """Point every shift module of `model` at the variant's fold, mode and implementation."""
+    for module in shift_modules(model):
+        module.fold_div, module.mode, module.impl = variant.shift_div, variant.shift_mode, variant.impl
+
+
+Timed = tuple[Callable[[], object] | None, Callable[[], object]]  # (untimed preparation, timed call)
+
+
+def _round_robin(
+    calls: Sequence[Timed],
+    *,
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    on_progress: ProgressFn | None,
+) -> list[float]:
+    """Median seconds of each call, timing the calls in turn `warmup + repeats` times (warm-up rounds discarded)."""
+    times: list[list[float]] = [[] for _ in calls]
+    rounds = warmup + repeats
+    for rnd in range(rounds):
+        for i, (prepare, call) in enumerate(calls):
+            if prepare is not None:
+                prepare()
+            _sync(device)
+            start = time.perf_counter()
+            call()
+            _sync(device)
+            if rnd >= warmup:
+                times[i].append(time.perf_counter() - start)
+        if on_progress is not None:
+            on_progress(rnd + 1, rounds)
+    return [statistics.median(t) for t in times]
+
+
+def _model_rows(
+    backbone: str, batch_size: int, *, segments: int, size: int, models: dict[str | None, TSM], timing: dict[str, Any]
+) -> list[dict[str, Any]]:
+    variants = _variants()
+    clips = torch.randn(batch_size, segments, 3, size, size, device=timing["device"])
+
+    def timed(variant: _Variant) -> Timed:
+        model = models[variant.shift_place]
+
+        def call() -> object:
+            with torch.inference_mode():
+                return model(clips)
+
+        return (lambda: _configure(model, variant)), call
+
+    medians = _round_robin([timed(v) for v in variants], **timing)
+    rows = [
+        {
+            "backbone": backbone,
+            "batch_size": batch_size,
+            "shift_div": v.shift_div,
+            "shift_mode": v.shift_mode,
+            "shift_place": v.shift_place,
+            "impl": v.impl,
+            "median_ms": m * 1e3,
+            "ms_per_clip": m * 1e3 / batch_size,
+        }
+        for v, m in zip(variants, medians, strict=True)
+    ]
+    _add_ratios(rows, baseline_ms=rows[0]["median_ms"], key_fields=("shift_div", "shift_mode", "shift_place"))
+    return rows
+
+
+def _add_ratios(rows: list[dict[str, Any]], *, baseline_ms: float | None, key_fields: tuple[str, ...]) -> None:
+    """Add `overhead_vs_no_shift` (time / baseline) and `ours_over_official` (ours / zeros-copy, same settings)."""
+
+    def key(row: dict[str, Any]) -> tuple[str, ...]:
+        return tuple(str(row[f]) for f in key_fields)
+
+    official = {key(r): r["median_ms"] for r in rows if r["impl"] == OFFICIAL}
+    for row in rows:
+        if baseline_ms is not None:
+            row["overhead_vs_no_shift"] = row["median_ms"] / baseline_ms
+        row["ours_over_official"] = row["median_ms"] / official[key(row)] if row["impl"] == OURS else None
+
+
+def _op_forward(shift: ShiftFn, x: torch.Tensor, segments: int, mode: str) -> Timed:
+    def call() -> object:
+        with torch.inference_mode():
+            return shift(x, segments, 8, mode)
+
+    return None, call
+
+
+def _op_forward_backward(shift: ShiftFn, x: torch.Tensor, segments: int, mode: str) -> Timed:
+    x_grad = x.clone().requires_grad_(True)
+    grad_out = torch.randn_like(x)
+
+    def prepare() -> None:
+        x_grad.grad = None
+
+    def call() -> object:
+        shift(x_grad, segments, 8, mode).backward(grad_out)
+        return x_grad.grad
+
+    return prepare, call
+
+
+# pass name -> builder of the timed call for one shift implementation and mode
+OP_PASSES: dict[str, Callable[[ShiftFn, torch.Tensor, int, str], Timed]] = {
+    "forward": _op_forward,
+    "forward_backward": _op_forward_backward,
+}
+
+
+def _op_rows(batch_size: int, *, segments: int, size: int, timing: dict[str, Any]) -> list[dict[str, Any]]:
+    shape = (batch_size * segments, OP_CHANNELS, max(1, size // 4), max(1, size // 4))
+    x = torch.randn(shape, device=timing["device"])
+    cases = list(itertools.product(OP_PASSES, SHIFT_MODES_BENCHED, (OURS, OFFICIAL)))
+    calls = [OP_PASSES[p](SHIFT_IMPLS[impl], x, segments, mode) for p, mode, impl in cases]
+    medians = _round_robin(calls, **timing)
+    rows = [
+        {"shape": list(shape), "pass": p, "shift_mode": mode, "impl": impl, "median_ms": m * 1e3}
+        for (p, mode, impl), m in zip(cases, medians, strict=True)
+    ]
+    _add_ratios(rows, baseline_ms=None, key_fields=("shape", "pass", "shift_mode"))
+    return rows
+
+
+def run_shift_bench(
+    *,
+    backbones: Sequence[str] = ("resnet50",),
+    segments: int = 8,
+    size: int = 224,
+    batch_sizes: Sequence[int] = (1, 8),
+    repeats: int = 10,
+    warmup: int = 2,
+    device: str | torch.device = "cpu",
+    on_progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Time TSM forward latency per shift variant and the bare shift op (random weights; nothing downloaded).
+
+    Args:
+        backbones: backbone names (keys of `ssv2prep.models.tsm.BACKBONES`).
+        segments: T, frames per clip.
+        size: frame height and width in pixels.
+        batch_sizes: clips per forward call.
+        repeats: timed rounds per variant (medians are reported).
+        warmup: untimed rounds before them.
+        device: where to run ("cpu", "cuda", ...).
+        on_progress: called with `(rounds_done, rounds_total)` after every round of each timing group.
+
+    Returns:
+        `{"settings": {...}, "rows": [...], "op_rows": [...]}`. A model row has backbone, batch_size, shift_div
+        (0 = no shift, 1 = all channels), shift_mode, shift_place, impl ("fast" = ours, "zeros_copy" = official,
+        None for no shift), median_ms, ms_per_clip, overhead_vs_no_shift (median / the no-shift median of the same
+        backbone and batch size) and ours_over_official (our median / the official median of the same settings,
+        None on other rows). An op row has shape, pass, shift_mode, impl, median_ms and ours_over_official.
+    """
+    dev = torch.device(device)
+    timing = {"repeats": repeats, "warmup": warmup, "device": dev, "on_progress": on_progress}
+    rows: list[dict[str, Any]] = []
+    for backbone in backbones:
+        models = _build_models(backbone, segments, dev)
+        for batch_size in batch_sizes:
+            log.info("timing %s, batch %d, T=%d, %dpx", backbone, batch_size, segments, size)
+            rows += _model_rows(backbone, batch_size, segments=segments, size=size, models=models, timing=timing)
+    op_rows = [row for b in batch_sizes for row in _op_rows(b, segments=segments, size=size, timing=timing)]
+    settings = {
+        "backbones": list(backbones),
+        "segments": segments,
+        "size": size,
+        "batch_sizes": list(batch_sizes),
+        "repeats": repeats,
+        "warmup": warmup,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    return {"settings": settings, "rows": rows, "op_rows": op_rows}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def _shift_label(row: dict[str, Any]) -> str:
+    if row["shift_div"] == 0:
+        return "none (TSN)"
+    return "all" if row["shift_div"] == SHIFT_ALL else f"1/{row['shift_div']}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Markdown tables of a `run_shift_bench` result: model latency rows, then the bare shift op rows."""
+    lines = [
+        "| backbone | batch | shift | mode | place | impl | median ms | ms/clip | vs no shift | ours/official |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['backbone']} | {r['batch_size']} | {_shift_label(r)} | {r['shift_mode'] or ''} | "
+            f"{r['shift_place'] or ''} | {r['impl'] or ''} | {r['median_ms']:.2f} | {r['ms_per_clip']:.2f} | "
+            f"{_fmt(r['overhead_vs_no_shift'], '.3f')} | {_fmt(r['ours_over_official'], '.3f')} |"
+        )
+    lines += ["", "| shift op shape | pass | mode | impl | median ms | ours/official |", "|---|---|---|---|---|---|"]
+    for r in result["op_rows"]:
+        shape = "x".join(str(d) for d in r["shape"])
+        lines.append(
+            f"| {shape} | {r['pass']} | {r['shift_mode']} | {r['impl']} | {r['median_ms']:.3f} | "
+            f"{_fmt(r['ours_over_official'], '.3f')} |"
+        )
+    return "\n".join(lines) + "\n"
