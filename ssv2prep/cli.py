@@ -33,7 +33,7 @@ from ssv2prep import __version__
 from ssv2prep.errors import Ssv2PrepError
 
 console = Console(stderr=True)
-out = Console()
+out = Console(soft_wrap=True)
 
 
 class _Group(click.Group):
@@ -484,6 +484,40 @@ def bench_shard(
     _emit_json(json_path, result)
 
 
+@bench.command("shift")
+@click.option("--backbones", default="resnet50", show_default=True, help="Comma-separated backbones.")
+@click.option("--segments", type=int, default=8, show_default=True)
+@click.option("--size", type=int, default=224, show_default=True, help="Frame size in pixels.")
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Clips per forward call.")
+@click.option("--repeats", type=int, default=10, show_default=True, help="Timed rounds per variant (medians).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (also run on CUDA when present).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def bench_shift(
+    backbones: str, segments: int, size: int, batch_sizes: str, repeats: int, device: str, json_path: Path | None
+) -> None:
+    """Latency per clip of every shift variant, ours against the official zeros-then-copy shift.
+
+    \b
+    Example:
+      ssv2prep bench shift --backbones resnet50 --batch-sizes 1,8 --repeats 10 --json bench-shift.json
+    """
+    from ssv2prep.bench.shift import format_table, run_shift_bench
+
+    with _progress() as progress:
+        task = progress.add_task("timing", total=None, rate="")
+        result = run_shift_bench(
+            backbones=_split_list(backbones),
+            segments=segments,
+            size=size,
+            batch_sizes=tuple(int(b) for b in _split_list(batch_sizes)),
+            repeats=repeats,
+            device=device,
+            on_progress=lambda d, t: progress.update(task, completed=d, total=t),
+        )
+    out.print(format_table(result), markup=False)
+    _emit_json(json_path, result)
+
+
 # ----------------------------------------------------------------------------------------------------------- demo
 
 
@@ -656,9 +690,9 @@ def train(**opts: Any) -> None:
 
 
 def _train_config(opts: dict[str, Any]) -> Any:
-    from ssv2prep.data.loader import DataConfig, default_num_workers
+    from ssv2prep.data.loader import DataConfig
     from ssv2prep.models.tsm import ModelConfig
-    from ssv2prep.train.config import OptimConfig, RuntimeConfig, TrainConfig
+    from ssv2prep.train.config import OptimConfig, RuntimeConfig, TrainConfig, default_num_workers
 
     train_spec, val_spec = _train_sources(opts["data"], opts["train_spec"], opts["val_spec"])
     model = ModelConfig(
@@ -839,7 +873,9 @@ def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, in
 )
 @click.option("--grid", default=None, help="Several settings, e.g. 'crops=1,3,5,10;clips=1,2'.")
 @click.option("--dense", is_flag=True, help="Dense sampling: 10 clips from a 64-frame window.")
-@click.option("--full-res", is_flag=True, help="Crops of the full 256 px instead of 224.")
+@click.option("--full-res", is_flag=True, help="Crops of the full scale size (256) instead of the crop size (224).")
+@click.option("--crop-size", type=int, default=None, help="Default: as trained (224 for official checkpoints).")
+@click.option("--scale-size", type=int, default=None, help="Resize short side to this (default: as trained).")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Videos per batch per process.")
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option(
@@ -867,6 +903,8 @@ def eval_cmd(
     grid: str | None,
     dense: bool,
     full_res: bool,
+    crop_size: int | None,
+    scale_size: int | None,
     batch_size: int,
     workers: int,
     out_dir: Path | None,
@@ -895,6 +933,8 @@ def eval_cmd(
         segments=segments,
         dense=dense,
         full_res=full_res,
+        crop_size=crop_size,
+        scale_size=scale_size,
         batch_size=batch_size,
         workers=workers,
         out=out_dir or checkpoint.parent / f"eval-{split}",
@@ -913,6 +953,50 @@ def eval_cmd(
             f"{r['seconds_per_video']:.3f} s/video"
         )
     out.print(f"reports in {cfg.out}")
+
+
+# -------------------------------------------------------------------------------------------------------- predict
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("videos", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--classes",
+    "classes_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="classes.json or labels.json (needed for official checkpoints).",
+)
+@click.option("--crops", type=click.Choice(["1", "3", "5", "10"]), default="1", show_default=True)
+@click.option("--clips", type=click.Choice(["1", "2"]), default="1", show_default=True)
+@click.option("--online", is_flag=True, help="Frame by frame with a unidirectional model; print as it evolves.")
+def predict(
+    checkpoint: Path, videos: tuple[Path, ...], classes_file: Path | None, crops: str, clips: str, online: bool
+) -> None:
+    """Classify webm/mp4 files directly and print the top-5 classes with probabilities.
+
+    \b
+    Examples:
+      ssv2prep predict runs/r50/best.pt clip1.webm clip2.webm
+      ssv2prep predict TSM_somethingv2_RGB_resnet50_shift8_blockres_avg_segment8_e45.pth a.webm --classes labels.json
+      ssv2prep predict runs/online/best.pt a.webm --online
+    """
+    from ssv2prep.train.predict import predict_online, predict_videos
+
+    if online:
+        for video in videos:
+            out.print(f"{video} (online):")
+
+            def show(i: int, top: list[tuple[str, float]]) -> None:
+                out.print(f"  frame {i + 1:4d}: {top[0][0]} ({100 * top[0][1]:.1f}%)", markup=False)
+
+            predict_online(checkpoint, video, classes_file=classes_file, on_frame=show)
+        return
+    for p in predict_videos(checkpoint, list(videos), classes_file=classes_file, crops=int(crops), clips=int(clips)):
+        out.print(f"{p.video}:", markup=False)
+        for rank, (name, prob) in enumerate(p.top5, 1):
+            out.print(f"  {rank}. {name}  {100 * prob:.1f}%", markup=False)
 
 
 # ------------------------------------------------------------------------------------------------------------ run

@@ -287,3 +287,12 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
         return os.cpu_count() or 1
+
+
+def decode_rgb(path: str | Path) -> np.ndarray:
+    """Every frame of a video as RGB uint8 `(T, H, W, 3)`, in display order (PyAV)."""
+    _, frames = _pyav_reader(Path(path), None)
+    decoded = list(frames)
+    if not decoded:
+        raise TooFewFramesError("no frames decoded")
+    return np.stack(decoded)

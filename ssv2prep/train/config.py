@@ -107,3 +107,16 @@ def sources_from_data_dir(data_dir: Path) -> tuple[str, str | None]:
         raise ConfigError(f"--data {data_dir}: no {train.name} there (run `ssv2prep shard --out {data_dir}` first)")
     val = data_dir / STANDARD_INDEX.format(split="validation")
     return str(train), str(val) if val.is_file() else None
+
+
+def default_num_workers() -> int:
+    """Loader workers per process when not given: the cores this process may use, shared by the local ranks
+    (torchrun's LOCAL_WORLD_SIZE), at most 8 and at least 1 (0 would decode in the training process itself)."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        cores = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cores // local))

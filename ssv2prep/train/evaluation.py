@@ -46,8 +46,8 @@ class EvalConfig:
     full_res: bool = False
     batch_size: int = 4
     workers: int = 2
-    scale_size: int = 256
-    crop_size: int = 224
+    scale_size: int | None = None  # None: as the checkpoint was trained (256 for official files)
+    crop_size: int | None = None  # None: as trained (224 for official files)
     predictions: Path | None = None
     device: str = "auto"
     amp: str = "auto"
@@ -82,13 +82,24 @@ def load_for_eval(path: Path, segments: int | None) -> tuple[nn.Module, Any, lis
     return model.eval(), cfg, list(ckpt["classes"])
 
 
+def trained_sizes(path: Path) -> tuple[int, int]:
+    """(crop_size, scale_size) a checkpoint was trained with; the official 224 / 256 for official files."""
+    from ssv2prep.train.checkpoint import is_ours, load_checkpoint
+
+    if is_ours(path):
+        data = load_checkpoint(path)["config"]["data"]
+        return int(data["crop_size"]), int(data["scale_size"])
+    return 224, 256
+
+
 def _data_config(cfg: EvalConfig, model_cfg: Any) -> Any:
     from ssv2prep.data.loader import DataConfig
 
+    crop, scale = trained_sizes(cfg.checkpoint)
     return DataConfig(
         num_segments=model_cfg.num_segments,
-        crop_size=cfg.crop_size,
-        scale_size=cfg.scale_size,
+        crop_size=cfg.crop_size or crop,
+        scale_size=cfg.scale_size or scale,
         dense=cfg.dense,
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
@@ -111,8 +122,9 @@ def _one_setting(
         source,
         _data_config(cfg, model_cfg),
         crops=crops,
-        clips=clips,
+        clips=10 if cfg.dense else clips,
         full_res=cfg.full_res,
+        mode="test",  # the official test protocol (test_models.py sampling), as opposed to per-epoch validation
         rank=ctx.dist.rank,
         world_size=ctx.dist.world_size,
     )

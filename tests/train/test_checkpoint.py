@@ -34,7 +34,7 @@ def test_foreign_and_broken_files_are_clear_errors(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="not an ssv2prep checkpoint"):
         load_checkpoint(tmp_path / "official.pth")
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
-    with pytest.raises(CheckpointError, match="junk.pt"):
+    with pytest.raises(CheckpointError, match=r"junk\.pt"):
         load_checkpoint(tmp_path / "junk.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
@@ -52,5 +52,8 @@ def test_code_in_a_checkpoint_is_never_run(tmp_path) -> None:
 
 def test_incompatible_resume_names_the_difference() -> None:
     with pytest.raises(CheckpointError, match="num_segments: checkpoint 8, asked 16"):
-        check_compatible({"num_segments": 8, "backbone": "resnet50"}, {"num_segments": 16, "backbone": "resnet50"},
-                         ("backbone", "num_segments"))
+        check_compatible(
+            {"num_segments": 8, "backbone": "resnet50"},
+            {"num_segments": 16, "backbone": "resnet50"},
+            ("backbone", "num_segments"),
+        )

@@ -15,9 +15,7 @@ def test_topk_on_a_hand_made_case() -> None:
 
 def test_video_metrics_hand_made() -> None:
     # 6 videos, 3 classes. Predictions (argmax): 0, 0, 1, 2, 2, 2; labels: 0, 1, 1, 1, 2, 2
-    scores = np.array(
-        [[5, 1, 0], [4, 3, 0], [0, 5, 1], [0, 1, 4], [1, 0, 9], [0, 2, 3]], dtype=np.float32
-    )
+    scores = np.array([[5, 1, 0], [4, 3, 0], [0, 5, 1], [0, 1, 4], [1, 0, 9], [0, 2, 3]], dtype=np.float32)
     labels = np.array([0, 1, 1, 1, 2, 2])
     m = video_metrics(scores, labels, 3)
     assert m.num_videos == 6

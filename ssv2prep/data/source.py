@@ -1,0 +1,464 @@
+"""Where shards come from: resolve a user's shard spec to a `ShardSource`, open shard URLs, read samples from tars.
+
+A spec is one of:
+
+- a shard index (`.../ssv2-train.json`, local path or `http(s)://` URL): the shard urls, their `nsamples`, the
+  classes and `flip_pairs` all come from it. Relative urls in the index are relative to the index's location.
+- one shard or a brace pattern (`/data/ssv2-train-{000000..000337}.tar`, `https://host/ssv2-train-{...}.tar`,
+  `pipe:aws s3 cp s3://bucket/ssv2-train-{000000..000337}.tar -`). Per-shard sample counts (needed for exact
+  epochs) come from the `index=` argument when given; otherwise, for local and http patterns only, from the index
+  named like the shards (`ssv2-train.json` beside `ssv2-train-000000.tar`) when it exists. A `pipe:` pattern gets
+  counts only from an explicit `index=`. Without counts `nsamples` is None, which evaluation accepts and training
+  refuses (see `ssv2prep.data.loader`).
+
+`pipe:` runs a command and reads the shard from its stdout (split with `shlex`, never through a shell). It is
+honoured only in specs the user typed: an index whose shardlist holds a `pipe:` url is refused with `ShardError`,
+because an index is data that may come from anyone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import logging
+import re
+import shlex
+import signal
+import subprocess
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import unquote, urljoin, urlsplit
+
+import braceexpand
+
+from ssv2prep.errors import ConfigError, ShardError
+from ssv2prep.prep.index import INDEX_KIND, read_classes, read_index
+
+log = logging.getLogger(__name__)
+
+PIPE_PREFIX = "pipe:"
+HTTP_TIMEOUT_S = 60.0
+PIPE_EXIT_TIMEOUT_S = 10.0
+STDERR_TAIL_CHARS = 300
+DRAIN_CHUNK_BYTES = 1 << 16
+# `ssv2-train-000012.tar` -> index `ssv2-train.json` (shard-format.md naming).
+SHARD_NAME_RE = re.compile(r"^(?P<stem>.+)-\d+\.tar$")
+TAR_BLOCK = 512
+ZERO_BLOCK = bytes(TAR_BLOCK)
+LOCAL_BUFFER_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSource:
+    """The shards of one split and what is known about them.
+
+    Attributes:
+        urls: shard URLs in index order: local paths, `file://`, `http(s)://` or (user-typed only) `pipe:` commands.
+        nsamples: samples per shard, aligned with `urls`; None when no index gave counts.
+        classes: class names in label order, or None when unknown.
+        flip_pairs: class index pairs whose meaning swaps under a horizontal flip (from the index).
+        split: the split name (`train`, `validation`, ...) when known.
+        format: `frames` or `video` when an index says so (samples are recognised by their members anyway).
+        index_url: where the index was read from, or None.
+    """
+
+    urls: tuple[str, ...]
+    nsamples: tuple[int, ...] | None
+    classes: tuple[str, ...] | None
+    flip_pairs: tuple[tuple[int, int], ...]
+    split: str | None
+    format: str | None = None
+    index_url: str | None = None
+
+    @property
+    def num_samples(self) -> int | None:
+        """Total samples over all shards, or None without counts."""
+        return None if self.nsamples is None else sum(self.nsamples)
+
+
+@dataclass(frozen=True, slots=True)
+class RawSample:
+    """One sample as stored: the key and its members (`{"json": b"...", "000003.jpg": b"...", ...}`), undecoded."""
+
+    key: str
+    members: dict[str, bytes]
+    url: str
+
+
+# ------------------------------------------------------------------------------------------------- resolution
+def _is_pipe(url: str) -> bool:
+    return url.startswith(PIPE_PREFIX)
+
+
+def _is_http(url: str) -> bool:
+    return urlsplit(url).scheme in ("http", "https")
+
+
+def _shard_name(url: str) -> str:
+    """The file name of a shard URL (for `pipe:`, of the last `.tar` argument of the command)."""
+    if _is_pipe(url):
+        tars = [tok for tok in shlex.split(url[len(PIPE_PREFIX) :]) if tok.endswith(".tar")]
+        return _shard_name(tars[-1]) if tars else ""
+    if _is_http(url) or url.startswith("file:"):
+        return unquote(urlsplit(url).path).rsplit("/", 1)[-1]
+    return Path(url).name
+
+
+def _join(base: str, rel: str) -> str:
+    """An index url made absolute against the index's location (a local file or an http URL)."""
+    if _is_pipe(rel):
+        raise ShardError(f"{base}: the index lists a pipe: url ({rel[:60]}); pipe: is only accepted in a typed spec")
+    if _is_http(base) and rel.startswith("file:"):
+        raise ShardError(f"{base}: an index served over http may not list local files ({rel[:60]})")
+    if _is_http(rel) or rel.startswith("file:"):
+        return rel
+    if _is_http(base):
+        return urljoin(base, rel)
+    return str(Path(base).parent / rel)
+
+
+def _fetch_http(url: str, *, missing_ok: bool = False) -> bytes | None:
+    try:
+        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as resp:
+            return resp.read()
+    except urllib.error.HTTPError as exc:
+        if missing_ok and exc.code == 404:
+            return None
+        raise ShardError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise ShardError(f"{url}: cannot fetch ({exc})") from exc
+
+
+def _read_http_index(url: str) -> dict[str, Any]:
+    data = _fetch_http(url)
+    try:
+        obj = json.loads(data or b"")
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardError(f"{url}: not a readable shard index ({exc})") from exc
+    # the same checks as ssv2prep.prep.index.read_index, which only reads local files
+    if not isinstance(obj, dict) or obj.get("__kind__") != INDEX_KIND or not isinstance(obj.get("shardlist"), list):
+        raise ShardError(f"{url}: not a shard index (expected __kind__ {INDEX_KIND!r} and a shardlist)")
+    for entry in obj["shardlist"]:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("url"), str)
+            or not isinstance(entry.get("nsamples"), int)
+        ):
+            raise ShardError(f"{url}: every shardlist entry needs a url and an integer nsamples")
+    return obj
+
+
+def _read_classes(index_url: str, index: dict[str, Any]) -> tuple[str, ...] | None:
+    """The class list beside an index, or None (with a warning) when it is absent or unreadable."""
+    try:
+        if not _is_http(index_url):
+            return tuple(read_classes(index_url, index))
+        url = urljoin(index_url, str(index.get("classes", "classes.json")))
+        classes = json.loads(_fetch_http(url) or b"")
+    except (ShardError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("%s: no usable class list beside the index (%s); class names unknown", index_url, exc)
+        return None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        log.warning("%s: the class list beside the index is not a list of names; class names unknown", index_url)
+        return None
+    return tuple(classes)
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def _load_index(index_url: str) -> dict[str, Any]:
+    return _read_http_index(index_url) if _is_http(index_url) else read_index(_local_path(index_url))
+
+
+def _flip_pairs(index_url: str, index: dict[str, Any]) -> tuple[tuple[int, int], ...]:
+    try:
+        return tuple((int(a), int(b)) for a, b in index.get("flip_pairs") or [])
+    except (TypeError, ValueError) as exc:
+        raise ShardError(f"{index_url}: flip_pairs must be a list of [class, class] pairs ({exc})") from exc
+
+
+def _from_index(index_url: str, index: dict[str, Any]) -> ShardSource:
+    entries = index["shardlist"]
+    base = index_url if _is_http(index_url) else _local_path(index_url)
+    return ShardSource(
+        urls=tuple(_join(base, e["url"]) for e in entries),
+        nsamples=tuple(int(e["nsamples"]) for e in entries),
+        classes=_read_classes(base, index),
+        flip_pairs=_flip_pairs(index_url, index),
+        split=index.get("split"),
+        format=index.get("format"),
+        index_url=index_url,
+    )
+
+
+def _neighbour_index(first_url: str) -> str | None:
+    """The index named like the shards, beside the first one, if it exists (local or http; never for pipe:)."""
+    match = SHARD_NAME_RE.match(_shard_name(first_url))
+    if match is None or _is_pipe(first_url):
+        return None
+    name = f"{match.group('stem')}.json"
+    if _is_http(first_url):
+        url = urljoin(first_url, name)
+        return url if _fetch_http(url, missing_ok=True) is not None else None
+    path = Path(_local_path(first_url)).parent / name
+    return str(path) if path.is_file() else None
+
+
+def _with_counts(urls: list[str], index_url: str) -> ShardSource:
+    """Typed shard urls, with counts, classes and flip pairs from the index they belong to (matched by file name)."""
+    indexed = _from_index(index_url, _load_index(index_url))
+    counts = {_shard_name(u): n for u, n in zip(indexed.urls, indexed.nsamples or (), strict=True)}
+    missing = [u for u in urls if _shard_name(u) not in counts]
+    if missing:
+        raise ConfigError(
+            f"index {index_url} does not list shard {_shard_name(missing[0]) or missing[0]!r} "
+            f"({len(missing)} of {len(urls)} shards unmatched); pass the index of these shards"
+        )
+    nsamples = tuple(counts[_shard_name(u)] for u in urls)
+    return ShardSource(
+        tuple(urls), nsamples, indexed.classes, indexed.flip_pairs, indexed.split, indexed.format, index_url
+    )
+
+
+def resolve_source(spec: str, *, index: str | None = None) -> ShardSource:
+    """Turn a user's shard spec into a `ShardSource` (see the module docstring for the rules).
+
+    Args:
+        spec: an index (`*.json`), one shard, or a brace pattern; local, `file://`, `http(s)://` or `pipe:`.
+        index: an index (path or http URL) giving per-shard counts for the shards of a pattern.
+
+    Raises:
+        ConfigError: an empty spec, an index given twice, or typed shards the index does not list.
+        ShardError: an index that cannot be read or that lists a `pipe:` url.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise ConfigError("shard spec is empty: give an index (ssv2-train.json) or a shard pattern")
+    if not _is_pipe(spec) and _shard_name(spec).endswith(".json"):
+        if index is not None:
+            raise ConfigError(f"{spec} is already an index; do not also pass index={index}")
+        return _from_index(spec, _load_index(spec))
+    urls = list(braceexpand.braceexpand(spec))
+    if index is None:
+        index = _neighbour_index(urls[0])
+    if index is None:
+        log.info("%s: no shard index found, so per-shard sample counts are unknown", spec)
+        return ShardSource(tuple(urls), None, None, (), None)
+    return _with_counts(urls, index)
+
+
+# ------------------------------------------------------------------------------------------------------ opening
+@contextlib.contextmanager
+def _open_local(url: str) -> Iterator[IO[bytes]]:
+    path = _local_path(url)
+    try:
+        fh = open(path, "rb", buffering=LOCAL_BUFFER_BYTES)  # noqa: SIM115 - closed below, after the caller's block
+    except FileNotFoundError as exc:
+        raise ShardError(f"{path}: shard not found") from exc
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot open shard ({exc.strerror or exc})") from exc
+    with fh:
+        yield fh
+
+
+@contextlib.contextmanager
+def _open_http(url: str) -> Iterator[IO[bytes]]:
+    try:
+        resp = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
+    except urllib.error.HTTPError as exc:
+        raise ShardError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        raise ShardError(f"{url}: cannot open shard ({exc})") from exc
+    with resp:
+        yield resp
+
+
+def _stderr_tail(err: IO[bytes]) -> str:
+    err.seek(0)
+    text = err.read().decode("utf-8", "replace")
+    return " ".join(text.split())[-STDERR_TAIL_CHARS:] or "no stderr"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int | None:
+    """Close our end of the pipe and reap the command (killing it if it lingers); its exit status or None."""
+    if proc.stdout is not None:
+        proc.stdout.close()
+    try:
+        return proc.wait(timeout=PIPE_EXIT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
+
+
+@contextlib.contextmanager
+def _open_pipe(url: str) -> Iterator[IO[bytes]]:
+    argv = shlex.split(url[len(PIPE_PREFIX) :])
+    if not argv:
+        raise ShardError(f"{url!r}: empty pipe: command")
+    with tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        except OSError as exc:
+            raise ShardError(f"{url}: cannot run {argv[0]!r} ({exc.strerror or exc})") from exc
+        assert proc.stdout is not None
+        try:
+            yield proc.stdout
+        except ShardError:  # unreadable stream: a failing command explains it better than tarfile does
+            status = _stop(proc)
+            if status not in (0, None, -signal.SIGPIPE):
+                raise ShardError(f"{url}: command exited with status {status}: {_stderr_tail(err)}") from None
+            raise
+        except BaseException:  # the reader stopped early (or was interrupted): the command's fate does not matter
+            proc.kill()
+            _stop(proc)
+            raise
+        while proc.stdout.read(DRAIN_CHUNK_BYTES):  # the zero padding after the tar end marker
+            pass
+        status = _stop(proc)
+        if status != 0:
+            raise ShardError(f"{url}: command exited with status {status}: {_stderr_tail(err)}")
+
+
+OPENERS: dict[str, Callable[[str], contextlib.AbstractContextManager[IO[bytes]]]] = {
+    "pipe": _open_pipe,
+    "http": _open_http,
+    "https": _open_http,
+    "file": _open_local,
+    "": _open_local,
+}
+
+
+def url_kind(url: str) -> str:
+    """The opener key of a URL: `pipe`, `http`, `https`, `file`, or `` for a local path."""
+    if _is_pipe(url):
+        return "pipe"
+    scheme = urlsplit(url).scheme
+    return scheme if scheme in OPENERS else ""
+
+
+def open_shard(url: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+    """A context manager giving a readable binary stream of one shard; errors are `ShardError` naming the URL."""
+    return OPENERS[url_kind(url)](url)
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+def _split_name(name: str) -> tuple[str, str]:
+    """`dir/78687.000003.jpg` -> (`dir/78687`, `000003.jpg`): the key ends at the first dot of the base name."""
+    folder, _, base = name.rpartition("/")
+    key, _, suffix = base.partition(".")
+    return (f"{folder}/{key}" if folder else key), suffix
+
+
+def _read_exact(stream: IO[bytes], size: int) -> bytes:
+    data = stream.read(size)
+    while len(data) < size:  # http and pipe streams may return short reads before the end
+        more = stream.read(size - len(data))
+        if not more:
+            raise tarfile.ReadError(f"unexpected end of data ({size - len(data)} bytes missing)")
+        data += more
+    return data
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] == b"\x80":  # base-256 (GNU) for values that do not fit the octal field
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """`"%d %s=%s\\n"` records of a pax extended header."""
+    records, pos = {}, 0
+    while pos < len(data):
+        length_text, _, _ = data[pos : pos + 20].partition(b" ")
+        if not length_text.isdigit():
+            break
+        length = int(length_text)
+        key, _, value = data[pos + len(length_text) + 1 : pos + length - 1].partition(b"=")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return records
+
+
+def _header(block: bytes, offset: int) -> tuple[str, int, bytes]:
+    """(name, size, type flag) of a 512-byte tar header, after checking its checksum."""
+    expected = _octal(block[148:156])
+    if sum(block[:148]) + 8 * 32 + sum(block[156:]) != expected:
+        raise tarfile.ReadError(f"bad tar header checksum at byte {offset}")
+    name = block[:100].split(b"\0", 1)[0]
+    if block[257:262] == b"ustar":
+        prefix = block[345:500].split(b"\0", 1)[0]
+        name = prefix + b"/" + name if prefix else name
+    return name.decode("utf-8", "surrogateescape"), _octal(block[124:136]), block[156:157]
+
+
+def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every regular file of a tar stream, in order (USTAR, GNU long names and pax paths).
+
+    A small reader of our own rather than `tarfile`'s stream mode, which costs several times more per member (a
+    shard has ~50 small JPEG members per video). Raises `tarfile.ReadError` for a stream that is not a whole tar.
+    """
+    offset, long_name, pax = 0, None, {}
+    while True:
+        block = stream.read(TAR_BLOCK)
+        if len(block) < TAR_BLOCK and block:
+            block += _read_exact(stream, TAR_BLOCK - len(block))
+        if block == ZERO_BLOCK:
+            return
+        if not block:
+            raise tarfile.ReadError("empty file" if offset == 0 else f"no end-of-archive marker after byte {offset}")
+        name, size, kind = _header(block, offset)
+        size = int(pax.get("size", size))
+        data = _read_exact(stream, size)
+        _read_exact(stream, -size % TAR_BLOCK)
+        offset += TAR_BLOCK + size + (-size % TAR_BLOCK)
+        if kind == b"L":
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        elif kind == b"x":
+            pax = _pax_records(data)
+        elif kind != b"g":
+            if kind in (b"0", b"\0", b"7"):
+                yield long_name or pax.get("path") or name, data
+            long_name, pax = None, {}
+
+
+def _grouped(stream: IO[bytes], url: str) -> Iterator[RawSample]:
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    for name, data in tar_members(stream):
+        name_key, suffix = _split_name(name)
+        if not suffix:
+            continue
+        if name_key != key:
+            if key is not None:
+                yield RawSample(key, members, url)
+            key, members = name_key, {}
+        members[suffix] = data
+    if key is not None:
+        yield RawSample(key, members, url)
+
+
+def iter_samples(url: str) -> Iterator[RawSample]:
+    """Stream the samples of one shard in stored order (members grouped by key; bytes are not decoded).
+
+    Raises:
+        ShardError: the shard is missing, cannot be fetched, or is not a readable tar (also mid-way).
+    """
+    count = 0
+    with open_shard(url) as stream:
+        try:
+            for sample in _grouped(stream, url):
+                count += 1
+                yield sample
+        except (tarfile.TarError, EOFError, OSError, ValueError, http.client.HTTPException) as exc:
+            raise ShardError(f"{url}: unreadable shard after {count} samples ({exc})") from exc
