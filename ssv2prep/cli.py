@@ -484,6 +484,52 @@ def bench_shard(
     _emit_json(json_path, result)
 
 
+@bench.command("loader")
+@click.option(
+    "--index",
+    "shard_index",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Train shard index to read (default: synthesize a small set at 256 px).",
+)
+@click.option("--num-clips", type=int, default=256, show_default=True, help="Clips per measurement.")
+@click.option("--workers", "workers_list", default="1,2", show_default=True, help="Worker counts to compare.")
+@click.option("--segments", type=int, default=8, show_default=True)
+@click.option("--crop", type=int, default=224, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True, help="Interleaved repetitions (best is kept).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def bench_loader(
+    shard_index: Path | None,
+    num_clips: int,
+    workers_list: str,
+    segments: int,
+    crop: int,
+    repeats: int,
+    json_path: Path | None,
+) -> None:
+    """Train-clip throughput from shards against a folder-of-JPEGs loader (official style) and the decode bound.
+
+    \b
+    Example:
+      ssv2prep bench loader --num-clips 256 --workers 1,2 --json bench-loader.json
+    """
+    from ssv2prep.bench.loader import format_loader_bench, run_loader_bench
+
+    log = logging.getLogger("ssv2prep.bench")
+    with console.status("benchmarking the loader ..."):
+        result = run_loader_bench(
+            shard_index,
+            num_clips=num_clips,
+            segments=segments,
+            crop=crop,
+            repeats=repeats,
+            workers=tuple(int(w) for w in _split_list(workers_list)),
+            on_progress=log.info,
+        )
+    out.print(format_loader_bench(result), markup=False)
+    _emit_json(json_path, result)
+
+
 @bench.command("shift")
 @click.option("--backbones", default="resnet50", show_default=True, help="Comma-separated backbones.")
 @click.option("--segments", type=int, default=8, show_default=True)
@@ -528,47 +574,32 @@ def bench_shift(
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("demo-out"),
     show_default=True,
-    help="Output folder (synthetic data, downloads, shards, report).",
+    help="Output folder: synthetic data, downloads, shards, runs, report.md.",
 )
-@click.option("--small", is_flag=True, help="A very small run (for tests and a quick look).")
-def demo(out_dir: Path, small: bool) -> None:
+@click.option("--small", is_flag=True, help="A very small run (for tests and a quick look); targets do not apply.")
+@click.option("--set", "overrides", multiple=True, help="Override a pipeline option: STAGE.OPTION=value.")
+def demo(out_dir: Path, small: bool, overrides: tuple[str, ...]) -> None:
     """Run the main job on built-in synthetic data, end to end through the real code paths.
 
-    synth --package, served from a loopback HTTP server, download, extract, shard, verify.
+    synth --package, served from a loopback HTTP server, download, extract, shard, verify; then a TSM and a TSN of
+    the same small backbone are trained, evaluated on validation and on test, and compared (pipelines/demo.toml).
 
     \b
     Example:
       ssv2prep demo --out demo-out
     """
-    from ssv2prep.demo import DemoConfig, run_demo
-    from ssv2prep.prep.synth import SynthConfig
+    from ssv2prep.demo import run_demo
 
-    cfg = DemoConfig()
-    if small:
-        cfg = DemoConfig(
-            synth=SynthConfig(
-                num_pairs=2,
-                train_per_class=4,
-                validation_per_class=2,
-                test_per_class=2,
-                height=48,
-                package=True,
-                num_parts=3,
-                min_frames=10,
-                max_frames=14,
-            ),
-            videos_per_shard=4,
-        )
     log = logging.getLogger("ssv2prep.demo")
-    result = run_demo(out_dir, cfg, on_step=log.info)
-    table = Table(title="demo: shards")
-    for col in ("split", "ok", "failed", "missing", "shards"):
-        table.add_column(col)
-    for split, s in result["splits"].items():
-        table.add_row(split, str(s["ok"]), str(s["failed"]), str(s["missing"]), str(s["shards"]))
-    out.print(table)
-    problems = result["verify_problems"]
-    out.print(f"verify: {'OK' if not problems else f'{len(problems)} problems'}; shards in {result['shards_dir']}")
+    report, _ = run_demo(
+        out_dir,
+        small=small,
+        overrides=list(overrides),
+        on_stage=lambda stage, status: log.info("stage %s (%s)", stage.key, status),
+    )
+    text = report.read_text()
+    out.print(text.split("\n\n![comparison]")[0], markup=False)
+    out.print(f"report: {report}")
 
 
 # ---------------------------------------------------------------------------------------------------------- train
@@ -953,6 +984,91 @@ def eval_cmd(
             f"{r['seconds_per_video']:.3f} s/video"
         )
     out.print(f"reports in {cfg.out}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the exported file (default: beside the checkpoint).",
+)
+@click.option("--dataset", default="somethingv2", show_default=True, help="Dataset name in the official file name.")
+def export(checkpoint: Path, out_dir: Path | None, dataset: str) -> None:
+    """Export one of our checkpoints in the official TSM layout and file name (module.base_model..., new_fc).
+
+    \b
+    Example:
+      ssv2prep export runs/r50/best.pt --out exported/
+    """
+    from ssv2prep.models.official import export_official
+    from ssv2prep.train.checkpoint import load_checkpoint
+    from ssv2prep.train.evaluation import load_for_eval
+
+    model, _, _ = load_for_eval(checkpoint, None)
+    ckpt = load_checkpoint(checkpoint)
+    path = export_official(
+        model,
+        out_dir or checkpoint.parent,
+        dataset=dataset,
+        epochs=int(ckpt["epoch"]),
+        best_prec1=max(0.0, float(ckpt["best_top1"])),
+    )
+    out.print(f"export: {path}")
+
+
+@main.command()
+@click.argument("shard_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the page and PNGs go (default: SHARD_DIR/report).",
+)
+@click.option("--videos-per-class", type=int, default=2, show_default=True, help="Videos per class on contact sheets.")
+@click.option("--segments", type=int, default=8, show_default=True, help="Frames the loader samples per clip.")
+@click.option("--crop-size", type=int, default=224, show_default=True)
+@click.option("--scale-size", type=int, default=256, show_default=True)
+@click.option("--max-shards-scanned", type=int, default=None, help="Frame sizes from at most N shards per split.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def report(
+    shard_dir: Path,
+    out_dir: Path | None,
+    videos_per_class: int,
+    segments: int,
+    crop_size: int,
+    scale_size: int,
+    max_shards_scanned: int | None,
+    seed: int,
+) -> None:
+    """Write a Markdown page with plots and contact sheets of a shard folder (counts, frames, sizes, failures).
+
+    The contact sheets show the frames the loader samples, with and without the training augmentation.
+
+    \b
+    Example:
+      ssv2prep report shards --videos-per-class 2
+    """
+    from ssv2prep.report import ReportConfig, write_report
+
+    cfg = ReportConfig(
+        shard_dir=shard_dir,
+        out_dir=out_dir,
+        videos_per_class=videos_per_class,
+        num_segments=segments,
+        crop_size=crop_size,
+        scale_size=scale_size,
+        max_shards_scanned=max_shards_scanned,
+        seed=seed,
+    )
+    log = logging.getLogger("ssv2prep.report")
+    result = write_report(cfg, on_progress=log.info)
+    for split, c in result.counts.items():
+        out.print(f"{split}: {c['ok']} ok, {c['failed']} failed, {c['missing']} missing in {c['shards']} shards")
+    out.print(f"report: {result.page} ({len(result.images)} images)")
 
 
 # -------------------------------------------------------------------------------------------------------- predict

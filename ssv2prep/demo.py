@@ -1,50 +1,49 @@
-"""`ssv2prep demo`: the main job on built-in synthetic data, through the real code paths.
+"""`ssv2prep demo`: the main job on built-in synthetic data, end to end through the real code paths.
 
-synth --package -> serve the package on a loopback HTTP server -> download -> extract -> shard -> verify.
-(Training and evaluation join the demo once those stages exist.)
+It runs `pipelines/demo.toml`: synth --package, then (with the package served on a loopback HTTP server)
+download, extract, shard, verify, and for a TSM and a TSN of the same small backbone: train, evaluate on validation
+and on test (with answers). It ends with `report.md`: the comparison table, the plots, and the stage timings.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from ssv2prep.prep.download import DownloadConfig, download_manifest
-from ssv2prep.prep.extract import extract_dataset
-from ssv2prep.prep.manifest import load_manifest
-from ssv2prep.prep.prepare import ShardConfig, shard_dataset
-from ssv2prep.prep.synth import SynthConfig, synthesize
-from ssv2prep.prep.verify import verify_folder
+from ssv2prep.fsutil import atomic_write_text
+from ssv2prep.pipeline import Pipeline, Stage, load_pipeline, run_pipeline
+from ssv2prep.sweep import VariantResult, compare_variants
+from ssv2prep.train.report import markdown_table
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, slots=True)
-class DemoConfig:
-    """Sizes of the demo (defaults: the full demo; tests pass smaller ones)."""
-
-    synth: SynthConfig = field(
-        default_factory=lambda: SynthConfig(
-            num_pairs=3,
-            train_per_class=40,
-            validation_per_class=10,
-            test_per_class=10,
-            height=96,
-            package=True,
-            num_parts=3,
-            min_frames=16,
-            max_frames=32,
-        )
-    )
-    videos_per_shard: int = 40
-    workers: int = 0
+DEMO_PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "demo.toml"
+TARGET_TSM_MIN = 90.0
+TARGET_TSN_MAX = 65.0
+# A very small run for tests and a quick look: the same stages, far less data and training.
+SMALL_OVERRIDES = [
+    "synth.pairs=2",
+    "synth.train_per_class=4",
+    "synth.validation_per_class=2",
+    "synth.test_per_class=2",
+    "synth.height=48",
+    "synth.min_frames=10",
+    "synth.max_frames=14",
+    "shard.videos_per_shard=4",
+    "train.epochs=1",
+    "train.segments=4",
+    "train.crop_size=32",
+    "train.scale_size=40",
+    "train.batch_size=4",
+]
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -67,38 +66,73 @@ def serve_folder(folder: Path) -> Iterator[str]:
         thread.join(timeout=5)
 
 
-def run_demo(out_dir: str | Path, cfg: DemoConfig, *, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run every stage into `out_dir` and return a summary of what each produced."""
-    out = Path(out_dir)
-    step = on_step or (lambda _msg: None)
-    step("synth: encoding the synthetic dataset and packaging it like the real distribution")
-    synth = synthesize(out / "synth", cfg.synth)
-    assert synth.manifest_path is not None and synth.package_dir is not None
-    manifest = load_manifest(synth.manifest_path)
-    with serve_folder(synth.package_dir) as url:
-        step(f"download: {len(manifest.files)} files from {url}")
-        downloads = download_manifest(manifest, DownloadConfig(dest=out / "download", base_url=url, backoff_s=0.1))
-    step("extract: joining the parts as a stream and untarring")
-    extracted = extract_dataset(out / "download", out / "data")
-    step("shard: decoding videos into JPEG shards")
-    sharded = shard_dataset(
-        ShardConfig(
-            videos_dir=extracted.videos_dir,
-            labels_dir=extracted.labels_dir,
-            out_dir=out / "shards",
-            videos_per_shard=cfg.videos_per_shard,
-            workers=cfg.workers,
-        )
+def _stage_seconds(pipeline: Pipeline) -> list[tuple[str, float]]:
+    rows = []
+    for stage in pipeline.stages:
+        record = pipeline.work_dir / ".pipeline" / pipeline.name / f"{stage.key}.json"
+        if record.is_file():
+            rows.append((stage.key, float(json.loads(record.read_text())["seconds"])))
+    return rows
+
+
+def _accuracy(result: VariantResult, folder: str) -> float | None:
+    for e in result.evals:
+        if e.get("folder") == folder:
+            return float(e["top1"])
+    return None
+
+
+def write_report(pipeline: Pipeline, results: list[VariantResult], wall_s: float) -> Path:
+    """`report.md` in the work folder: table, target check, embedded plots, stage timings."""
+    run_dir = pipeline.run_dir()
+    rows = [
+        [
+            r.name,
+            r.shift,
+            f"{_accuracy(r, 'eval'):.1f}",
+            f"{_accuracy(r, 'eval-test'):.1f}",
+            f"{r.latency_ms:.1f}" if r.latency_ms is not None else "-",
+        ]
+        for r in results
+    ]
+    table = markdown_table(["variant", "shift", "validation top-1 (%)", "test top-1 (%)", "CPU ms/clip"], rows)
+    by_name = {r.name: r for r in results}
+    tsm, tsn = _accuracy(by_name["tsm"], "eval"), _accuracy(by_name["tsn"], "eval")
+    verdict = (
+        f"TSM {tsm:.1f}% (target >= {TARGET_TSM_MIN:.0f}%), TSN {tsn:.1f}% (target <= {TARGET_TSN_MAX:.0f}%): "
+        + ("targets met" if tsm >= TARGET_TSM_MIN and tsn <= TARGET_TSN_MAX else "targets NOT met")
     )
-    step("verify: re-reading every shard")
-    report = verify_folder(out / "shards")
-    return {
-        "downloaded": {r.name: r.status.name for r in downloads},
-        "extracted": {"layout": extracted.layout, "written": extracted.written, "skipped": extracted.skipped},
-        "splits": {
-            k: {"ok": s.ok, "failed": s.failed, "missing": s.missing, "shards": s.num_shards}
-            for k, s in sharded.summaries.items()
-        },
-        "verify_problems": report.problems,
-        "shards_dir": str(out / "shards"),
-    }
+    timings = markdown_table(["stage", "seconds"], [[k, f"{s:.1f}"] for k, s in _stage_seconds(pipeline)])
+    rel = run_dir.relative_to(pipeline.work_dir)
+    plots = "\n".join(
+        f"![{name} {kind}]({rel}/{name}/{kind}.png)" for name in pipeline.variants for kind in ("loss", "accuracy")
+    )
+    text = (
+        f"# ssv2prep demo\n\nThe main job on synthetic SSv2 (mirror-pair classes that only frame order tells "
+        f"apart), end to end: synth, loopback HTTP download, extract, shard, verify, train, evaluate.\n\n"
+        f"{table}\n\n{verdict}\n\nTotal wall time: {wall_s:.0f} s.\n\n![comparison]({rel}/comparison.png)\n\n"
+        f"{plots}\n\n## Stage timings\n\n{timings}\n"
+    )
+    path = pipeline.work_dir / "report.md"
+    atomic_write_text(path, text)
+    return path
+
+
+def run_demo(
+    out_dir: str | Path,
+    *,
+    small: bool = False,
+    overrides: list[str] | None = None,
+    on_stage: Callable[[Stage, str], None] | None = None,
+) -> tuple[Path, list[VariantResult]]:
+    """Run the demo pipeline into `out_dir`; returns the report path and the per-variant results."""
+    start = time.perf_counter()
+    sets = [f"work_dir={json.dumps(str(out_dir))}", *(SMALL_OVERRIDES if small else []), *(overrides or [])]
+    pipeline = load_pipeline(DEMO_PIPELINE, sets)
+    run_pipeline(pipeline, only="synth", force=False, on_stage=on_stage)
+    with serve_folder(pipeline.work_dir / "synth" / "package") as url:
+        served = load_pipeline(DEMO_PIPELINE, [*sets, f"download.base_url={json.dumps(url)}"])
+        run_pipeline(served, only="download", force=False, on_stage=on_stage)
+    run_pipeline(pipeline, from_stage="extract", force=False, on_stage=on_stage)
+    results = compare_variants(pipeline.run_dir(), pipeline.variants, repeats=3)
+    return write_report(pipeline, results, time.perf_counter() - start), results

@@ -271,13 +271,15 @@ def run_pipeline(
     *,
     from_stage: str | None = None,
     only: str | None = None,
+    force: bool | None = None,
     on_stage: Callable[[Stage, str], None] | None = None,
 ) -> list[tuple[Stage, str]]:
-    """Run the selected stages; `--from`/`--only` force those stages to run even when recorded as done.
+    """Run the selected stages, skipping those recorded as done unless forced.
 
+    `force` defaults to True when `from_stage` or `only` is given (the CLI's `--from`/`--only` re-run stages).
     Returns (stage, what happened: "skipped" or "ran") per stage; `on_stage(stage, status)` is called before each.
     """
-    forced = from_stage is not None or only is not None
+    forced = force if force is not None else (from_stage is not None or only is not None)
     results = []
     for stage in select_stages(pipeline, from_stage=from_stage, only=only):
         status = stage_status(pipeline, stage)

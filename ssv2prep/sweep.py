@@ -61,30 +61,39 @@ def _latencies(checkpoints: dict[str, Path], *, repeats: int, crop: int) -> dict
     return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
+def _eval_rows(run: Path) -> list[dict[str, Any]]:
+    """Every setting of every `eval*/report.json` of a run, tagged with its folder (eval, eval-test, ...)."""
+    rows = []
+    for report in sorted(run.glob("eval*/report.json")):
+        for setting in json.loads(report.read_text())["settings"]:
+            rows.append({**setting, "folder": report.parent.name})
+    return rows
+
+
 def compare_variants(sweep_dir: Path, variants: list[str], *, repeats: int = 5) -> list[VariantResult]:
-    """Read every variant's `<sweep_dir>/<name>/eval/report.json` and checkpoint; write the comparison files there."""
-    reports, checkpoints, configs = {}, {}, {}
+    """Read every variant's `<sweep_dir>/<name>/eval*/report.json` and checkpoint; write the comparison files."""
+    evals, checkpoints, configs = {}, {}, {}
     for name in variants:
         run = sweep_dir / name
-        report = run / "eval" / "report.json"
-        if not report.is_file():
-            raise ConfigError(f"variant {name}: no {report} (did its eval stage run with out = '{{run}}/eval'?)")
-        reports[name] = json.loads(report.read_text())
-        config = json.loads((run / "config.json").read_text())
-        configs[name] = config
+        evals[name] = _eval_rows(run)
+        if not evals[name]:
+            raise ConfigError(
+                f"variant {name}: no {run}/eval*/report.json (its eval stages write out = '{{run}}/eval')"
+            )
+        configs[name] = json.loads((run / "config.json").read_text())
         checkpoints[name] = run / ("best.pt" if (run / "best.pt").is_file() else "last.pt")
     crop = next(iter(configs.values()))["data"]["crop_size"]
     latency = _latencies(checkpoints, repeats=repeats, crop=crop)
-    results = [
-        VariantResult(n, _shift_label(configs[n]["model"]), reports[n]["settings"], latency.get(n)) for n in variants
-    ]
+    results = [VariantResult(n, _shift_label(configs[n]["model"]), evals[n], latency.get(n)) for n in variants]
     _write(sweep_dir, results, crop)
     return results
 
 
 def _rows(results: list[VariantResult]) -> tuple[list[str], list[list[Any]]]:
-    settings = [(e["crops"], e["clips"]) for e in results[0].evals]
-    headers = ["variant", "shift"] + [f"top-1 {c}x{k}" for c, k in settings] + ["top-5 (first)", "latency ms/clip"]
+    settings = [(e["folder"], e["crops"], e["clips"]) for e in results[0].evals]
+    headers = (
+        ["variant", "shift"] + [f"{f} top-1 {c}x{k}" for f, c, k in settings] + ["top-5 (first)", "latency ms/clip"]
+    )
     rows = []
     for r in results:
         accs = [f"{e['top1']:.1f}" for e in r.evals]

@@ -159,14 +159,3 @@ def test_download_403_explains_the_licence_and_hides_secrets(tmp_path: Path) -> 
         )
     assert_one_line_error(code, stderr, "a.bin", "licen")
     assert "s3cr3t" not in stderr
-
-
-def test_demo_small_runs_the_data_side_end_to_end(tmp_path: Path) -> None:
-    code, stdout, stderr = run("demo", "--out", str(tmp_path / "demo"), "--small")
-    assert code == 0, stderr
-    assert "verify: OK" in stdout
-    index = read_json(tmp_path / "demo/shards/ssv2-validation.json")
-    assert index["num_samples"] == 8 and index["num_classes"] == 4
-    # the downloaded parts are byte-identical to the package they were served from
-    for part in sorted((tmp_path / "demo/synth/package").glob("20bn-*")):
-        assert (tmp_path / "demo/download" / part.name).read_bytes() == part.read_bytes()

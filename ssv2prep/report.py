@@ -1,0 +1,829 @@
+"""`ssv2prep report DIR`: a Markdown page with plots and contact sheets describing a prepared shard folder.
+
+Everything the page states comes from the folder's own files (shard-format.md): the indexes (`ssv2-<split>.json`)
+give shards, samples, frames and bytes; the manifests give entries, failures and their reasons, labels and frames
+per video; `classes.json` gives class names and, with the index, the flip pairs; the sample JSON members (read from
+the tars by random access, never decoding a JPEG) give frame sizes. Without a manifest the stats file and the
+scanned sample JSONs stand in for it.
+
+Contact sheets show, per split (train and validation when present), a few seeded videos of every class. Each video
+is a block of a caption line (class name, video id, frame count) and two rows of T tiles:
+
+- `val`: the frames the validation loader samples (segment centres) after the eval transform (short side to
+  `scale_size`, centre crop of `crop_size`);
+- `train`: one train-mode draw (random frame per segment + the multi-scale crop), seeded by `seed` and the video id.
+
+Both rows go through the loader's own `ClipPlanner` and `ClipFinisher`, so they are what training and validation
+see; each tile is then downscaled to `tile_px` and stamped with its 0-based frame number in the top-left corner.
+Sheet geometry (see `contact_sheet_size`): width `ROW_LABEL_PX + T * tile_px`, height
+`videos * (CAPTION_PX + 2 * tile_px + GAP_PX)`, at most `MAX_VIDEOS_PER_SHEET` videos per PNG.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import re
+import tarfile
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ssv2prep.data.loader import ClipFinisher, ClipPlanner
+from ssv2prep.data.sampling import SamplingSpec
+from ssv2prep.data.source import RawSample
+from ssv2prep.errors import ConfigError, SampleError, ShardError
+from ssv2prep.fsutil import atomic_write_bytes, atomic_write_text
+from ssv2prep.prep.index import manifest_path, read_classes, read_index, read_manifest, stats_path
+from ssv2prep.prep.plan import DATASET_NAME
+from ssv2prep.prep.verify import find_indexes
+
+log = logging.getLogger(__name__)
+
+CONTACT_SPLITS = ("train", "validation")
+TILE_PX = 96
+CAPTION_PX = 14
+ROW_LABEL_PX = 44
+GAP_PX = 4
+MAX_VIDEOS_PER_SHEET = 32
+PLOT_DPI = 100
+PNG_COMPRESS_LEVEL = 3  # video frames barely compress; higher levels cost seconds per sheet for ~5%
+MAX_FAILURE_EXAMPLES = 10
+MAX_SIZES_LISTED = 10
+MAX_FRAME_BINS = 100  # one bin per frame count up to this range, then this many bins
+UNLABELLED = "(unlabelled)"
+COUNT_KEYS = ("entries", "ok", "failed", "missing", "shards", "frames", "bytes")
+PLOT_NAMES = ("videos_per_class.png", "frames_per_video.png", "frame_sizes.png", "bytes.png", "failures.png")
+SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class ReportConfig:
+    """What to report on and how to draw the contact sheets.
+
+    Attributes:
+        shard_dir: the prepared folder (indexes, manifests, stats, classes.json, shards).
+        out_dir: where report.md and its PNGs go; default `<shard_dir>/report`.
+        videos_per_class: videos per class on the contact sheets (0: no contact sheets).
+        num_segments: T, frames per clip (as the loader's `DataConfig.num_segments`).
+        crop_size: crop side in pixels (as `DataConfig.crop_size`).
+        scale_size: short side before cropping (as `DataConfig.scale_size`).
+        seed: picks the contact-sheet videos and their train-mode draws.
+        max_shards_scanned: frame sizes come from the sample JSONs of every shard (None) or of the first N shards
+            of each split.
+    """
+
+    shard_dir: Path
+    out_dir: Path | None = None
+    videos_per_class: int = 2
+    num_segments: int = 8
+    crop_size: int = 224
+    scale_size: int = 256
+    seed: int = 0
+    max_shards_scanned: int | None = None
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad field."""
+        checks = (
+            ("videos_per_class", self.videos_per_class >= 0, ">= 0 (0 = no contact sheets)"),
+            ("num_segments", self.num_segments >= 1, ">= 1"),
+            ("crop_size", self.crop_size >= 1, ">= 1"),
+            ("scale_size", self.scale_size >= self.crop_size, f">= crop_size ({self.crop_size})"),
+            ("max_shards_scanned", self.max_shards_scanned is None or self.max_shards_scanned >= 0, "None or >= 0"),
+        )
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"report: {name}={getattr(self, name)!r} is out of range; allowed: {allowed}")
+
+    @property
+    def resolved_out_dir(self) -> Path:
+        """`out_dir`, or `<shard_dir>/report` when unset."""
+        return self.out_dir if self.out_dir is not None else self.shard_dir / "report"
+
+
+@dataclass(frozen=True, slots=True)
+class ReportResult:
+    """What `write_report` wrote.
+
+    Attributes:
+        page: `out_dir/report.md`.
+        images: every PNG written (plots, then contact sheets), all in `out_dir`.
+        counts: per split: `entries`, `ok`, `failed`, `missing`, `shards`, `frames`, `bytes` (as the page states).
+    """
+
+    page: Path
+    images: list[Path]
+    counts: dict[str, dict[str, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """One annotation entry of a split (a manifest line, or a scanned sample JSON when there is no manifest)."""
+
+    id: str
+    label: int | None
+    status: str
+    shard: str
+    num_frames: int | None
+    reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Split:
+    """What the report knows about one split."""
+
+    name: str
+    index_file: Path
+    index: dict[str, Any]
+    classes: list[str]
+    entries: list[_Entry]
+    from_manifest: bool
+    stats: dict[str, Any] | None
+    sizes: Counter[tuple[int, int]] = field(default_factory=Counter)
+    shards_scanned: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> list[_Entry]:
+        """The entries that are in the shards."""
+        return [e for e in self.entries if e.status == "ok"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Block:
+    """One video of a contact sheet: its caption and two rows of tiles with their frame numbers."""
+
+    caption: str
+    val_tiles: list[Image.Image]
+    val_frames: list[int]
+    train_tiles: list[Image.Image]
+    train_frames: list[int]
+
+
+Progress = Callable[[str], None] | None
+
+
+def _say(on_progress: Progress, message: str) -> None:
+    log.debug("%s", message)
+    if on_progress is not None:
+        on_progress(message)
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+def _shard_path(index_file: Path, url: str) -> Path:
+    """The local file of an index's shard url; only files inside the index's folder are read."""
+    folder = index_file.parent.resolve()
+    path = (folder / url).resolve()
+    if "://" in url or url.startswith("pipe:") or not path.is_relative_to(folder):
+        raise ShardError(f"{index_file}: shard url {url!r} is not a file in {folder}; report reads local folders only")
+    return path
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """`78687.000003.jpg` -> (`78687`, `000003.jpg`): the key ends at the first dot of the base name."""
+    folder, _, base = name.rpartition("/")
+    key, _, suffix = base.partition(".")
+    return (f"{folder}/{key}" if folder else key), suffix
+
+
+def _scan_shard(path: Path) -> list[dict[str, Any]]:
+    """The sample JSON objects of one shard, read by random access (JPEG members are skipped, not read)."""
+    metas = []
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            if not info.isfile() or _split_member(info.name)[1] != "json":
+                continue
+            fh = tar.extractfile(info)
+            meta = json.loads(fh.read()) if fh is not None else None
+            if isinstance(meta, dict):
+                metas.append(meta)
+    return metas
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _entry_from_manifest(line: dict[str, Any]) -> _Entry:
+    return _Entry(
+        id=str(line.get("id")),
+        label=_int_or_none(line.get("label")),
+        status=str(line.get("status", "ok")),
+        shard=str(line.get("shard") or ""),
+        num_frames=_int_or_none(line.get("num_frames")),
+        reason=line.get("reason") or (None if line.get("status", "ok") == "ok" else "unknown"),
+        error=line.get("error"),
+    )
+
+
+def _entry_from_meta(meta: dict[str, Any], shard_url: str) -> _Entry:
+    return _Entry(
+        str(meta.get("id")), _int_or_none(meta.get("label")), "ok", shard_url, _int_or_none(meta.get("num_frames"))
+    )
+
+
+def _read_stats(path: Path) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardError(f"{path}: cannot read the stats ({exc})") from exc
+    return obj if isinstance(obj, dict) else None
+
+
+def _split_name(index_file: Path) -> str:
+    # the file name, not the index's own `split` field, names the outputs: it is known to be a plain file name
+    stem = index_file.name[len(DATASET_NAME) + 1 : -len(".json")]
+    return SAFE_NAME_RE.sub("_", stem) or "split"
+
+
+def _load_split(index_file: Path) -> _Split:
+    """Index, classes, manifest and stats of one split (manifest/stats optional)."""
+    index = read_index(index_file)
+    name = _split_name(index_file)
+    folder = index_file.parent
+    manifest_file = manifest_path(folder, name)
+    entries, from_manifest, notes = [], manifest_file.is_file(), []
+    if from_manifest:
+        entries = [_entry_from_manifest(line) for line in read_manifest(manifest_file) if isinstance(line, dict)]
+    else:
+        notes.append(f"no manifest ({manifest_file.name}): entries and labels come from the scanned sample JSONs")
+    return _Split(
+        name=name,
+        index_file=index_file,
+        index=index,
+        classes=read_classes(index_file, index),
+        entries=entries,
+        from_manifest=from_manifest,
+        stats=_read_stats(stats_path(folder, name)),
+        notes=notes,
+    )
+
+
+def _scan_split(split: _Split, limit: int | None, on_progress: Progress) -> None:
+    """Frame sizes (and, without a manifest, the entries) from the sample JSONs of the split's shards."""
+    urls = [str(e["url"]) for e in split.index["shardlist"]]
+    todo = urls if (limit is None or not split.from_manifest) else urls[:limit]
+    for k, url in enumerate(todo, start=1):
+        path = _shard_path(split.index_file, url)
+        try:
+            metas = _scan_shard(path)
+        except (OSError, tarfile.TarError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            split.notes.append(f"shard {url} could not be scanned ({' '.join(str(exc).split())[:160]})")
+            log.warning("%s: cannot scan shard (%s)", path, exc)
+            continue
+        split.shards_scanned += 1
+        for meta in metas:
+            width, height = _int_or_none(meta.get("width")), _int_or_none(meta.get("height"))
+            if width and height:
+                split.sizes[(width, height)] += 1
+        if not split.from_manifest:
+            split.entries.extend(_entry_from_meta(m, url) for m in metas)
+        _say(on_progress, f"{split.name}: scanned shard {k}/{len(todo)} ({url})")
+
+
+# ------------------------------------------------------------------------------------------------------- counts
+def _split_counts(split: _Split) -> dict[str, int]:
+    """Counts of one split: entries/ok/failed/missing from the manifest, shards/frames/bytes from the index."""
+    status = Counter(e.status for e in split.entries)
+    shardlist = split.index["shardlist"]
+    frames = split.index.get("num_frames")
+    if not isinstance(frames, int):
+        frames = sum(e.num_frames or 0 for e in split.ok)
+    sizes = [e.get("filesize") for e in shardlist]
+    if all(isinstance(s, int) for s in sizes):
+        total_bytes = sum(sizes)
+    else:
+        total_bytes = sum(_file_size(_shard_path(split.index_file, str(e["url"]))) for e in shardlist)
+    return {
+        "entries": len(split.entries),
+        "ok": status["ok"],
+        "failed": status["failed"],
+        "missing": status["missing"],
+        "shards": len(shardlist),
+        "frames": frames,
+        "bytes": total_bytes,
+    }
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _consistency_notes(split: _Split, counts: dict[str, int]) -> list[str]:
+    """Disagreements between the split's files (the manifest/index invariants of shard-format.md)."""
+    notes = []
+    nsamples = sum(int(e["nsamples"]) for e in split.index["shardlist"])
+    if split.from_manifest and counts["ok"] != nsamples:
+        notes.append(f"manifest ok count {counts['ok']} differs from the index's {nsamples} samples")
+    if split.stats is not None:
+        for key in ("entries", "ok", "failed", "missing"):
+            if key in split.stats and split.stats[key] != counts[key]:
+                notes.append(f"stats say {key}={split.stats[key]}, the manifest {counts[key]}")
+    if split.shards_scanned == counts["shards"] and sum(split.sizes.values()) not in (0, nsamples):
+        notes.append(f"the shards hold {sum(split.sizes.values())} sample JSONs with sizes, the index {nsamples}")
+    return notes
+
+
+def _class_name(classes: Sequence[str], label: int | None) -> str:
+    if label is None:
+        return UNLABELLED
+    return classes[label] if 0 <= label < len(classes) else f"class {label}"
+
+
+def _failure_counts(split: _Split) -> Counter[tuple[str, str]]:
+    """(status, reason) -> count over the entries that are not ok (stats reasons when there is no manifest)."""
+    if split.from_manifest or split.stats is None:
+        return Counter((e.status, e.reason or "unknown") for e in split.entries if e.status != "ok")
+    reasons = split.stats.get("failure_reasons") or {}
+    return Counter({("failed", str(r)): int(n) for r, n in reasons.items()})
+
+
+# -------------------------------------------------------------------------------------------------------- plots
+def _figure(width_in: float, height_in: float) -> Any:
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    return Figure(figsize=(width_in, height_in), dpi=PLOT_DPI)
+
+
+def _integer_axis(axis: Any) -> None:
+    """Whole-number ticks on an axis of counts."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _save(fig: Any, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=PLOT_DPI)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _plot_videos_per_class(splits: list[_Split], classes: list[str], path: Path) -> Path:
+    """Horizontal grouped bars: ok videos per class (rows), one bar per labelled split."""
+    labelled = [s for s in splits if any(e.label is not None for e in s.ok)]
+    num = max(1, len(classes))
+    fig = _figure(9.0, 1.5 + num * (0.1 + 0.05 * max(1, len(labelled))))
+    ax = fig.add_subplot()
+    height = 0.8 / max(1, len(labelled))
+    ys = np.arange(num)
+    for k, split in enumerate(labelled):
+        per = Counter(e.label for e in split.ok if e.label is not None)
+        ax.barh(ys + k * height, [per.get(c, 0) for c in range(num)], height=height, label=split.name)
+    ax.set_yticks(ys + height * (len(labelled) - 1) / 2, [_class_name(classes, c) for c in range(num)], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("videos (ok)")
+    _integer_axis(ax.xaxis)
+    ax.set_title("videos per class and split")
+    if labelled:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _plot_frames(splits: list[_Split], path: Path) -> Path:
+    """Histogram of frames per video (ok entries), one outline per split, one bin per frame count."""
+    fig = _figure(8.0, 4.0)
+    ax = fig.add_subplot()
+    for split in splits:
+        values = [e.num_frames for e in split.ok if e.num_frames is not None]
+        if values:
+            lo, hi = min(values), max(values)
+            bins = np.arange(lo, hi + 2) - 0.5 if hi - lo < MAX_FRAME_BINS else MAX_FRAME_BINS
+            ax.hist(values, bins=bins, histtype="step", linewidth=1.5, label=f"{split.name} ({len(values)})")
+    ax.set_xlabel("frames per video")
+    ax.set_ylabel("videos")
+    _integer_axis(ax.yaxis)
+    ax.set_title("frames per video")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _plot_sizes(splits: list[_Split], path: Path) -> Path:
+    """Scatter of distinct (width, height) frame sizes; marker area grows with the number of videos."""
+    fig = _figure(7.0, 5.0)
+    ax = fig.add_subplot()
+    for split in splits:
+        if split.sizes:
+            counts = list(split.sizes.values())
+            ws, hs = zip(*split.sizes.keys(), strict=True)
+            area = [12 + 30 * math.log10(n) for n in counts]
+            ax.scatter(ws, hs, s=area, alpha=0.5, label=f"{split.name} ({sum(counts)} videos)")
+    ax.set_xlabel("width (px)")
+    ax.set_ylabel("height (px)")
+    ax.set_title("frame sizes (from the sample JSONs)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _plot_bytes(splits: list[_Split], counts: dict[str, dict[str, int]], path: Path) -> Path:
+    """Left: MB of each shard (index order), one line per split. Right: MB per split."""
+    fig = _figure(11.0, 4.0)
+    per_shard, per_split = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for split in splits:
+        sizes = [e.get("filesize") for e in split.index["shardlist"]]
+        mb = [(s if isinstance(s, int) else 0) / 1e6 for s in sizes]
+        per_shard.plot(range(len(mb)), mb, marker="o" if len(mb) < 40 else None, markersize=3, label=split.name)
+    per_shard.set_xlabel("shard number")
+    _integer_axis(per_shard.xaxis)
+    per_shard.set_ylabel("MB")
+    per_shard.set_title("bytes per shard")
+    per_shard.legend(fontsize=8)
+    names = [s.name for s in splits]
+    per_split.bar(names, [counts[n]["bytes"] / 1e6 for n in names])
+    per_split.set_ylabel("MB")
+    per_split.set_title("bytes per split")
+    return _save(fig, path)
+
+
+def _plot_failures(failures: dict[str, Counter[tuple[str, str]]], path: Path) -> Path:
+    """Horizontal grouped bars: entries per (status: reason), one bar per split."""
+    keys = sorted({key for per in failures.values() for key in per})
+    names = [n for n, per in failures.items() if per]
+    fig = _figure(8.0, 1.5 + len(keys) * (0.2 + 0.15 * len(names)))
+    ax = fig.add_subplot()
+    height = 0.8 / max(1, len(names))
+    ys = np.arange(len(keys))
+    for k, name in enumerate(names):
+        ax.barh(ys + k * height, [failures[name].get(key, 0) for key in keys], height=height, label=name)
+    ax.set_yticks(ys + height * (len(names) - 1) / 2, [f"{s}: {r}" for s, r in keys], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("entries")
+    _integer_axis(ax.xaxis)
+    ax.set_title("failures by reason and split")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------- contact sheets
+def contact_sheet_size(num_videos: int, num_segments: int, tile_px: int = TILE_PX) -> tuple[int, int]:
+    """(width, height) in pixels of a contact sheet of `num_videos` videos of `num_segments` tiles per row."""
+    return ROW_LABEL_PX + num_segments * tile_px, num_videos * (CAPTION_PX + 2 * tile_px + GAP_PX)
+
+
+def sheet_tile_px(crop_size: int) -> int:
+    """Tile side on the contact sheets: the crop, downscaled to at most `TILE_PX`."""
+    return min(TILE_PX, crop_size)
+
+
+def _train_rng(seed: int, key: str) -> np.random.Generator:
+    # one generator per video, so a video's train draw does not depend on which other videos were chosen
+    return np.random.default_rng([seed, zlib.crc32(key.encode("utf-8"))])
+
+
+def sheet_clips(sample: RawSample, cfg: ReportConfig) -> tuple[torch.Tensor, list[int], torch.Tensor, list[int]]:
+    """The two clips a contact sheet shows for one sample, made by the loader's own planner and finisher.
+
+    Returns:
+        (val clip, val frame numbers, train clip, train frame numbers): clips are uint8 `(T, 3, crop_size,
+        crop_size)`; val is segment centres + short side to `scale_size` + centre crop; train is one seeded draw of
+        random frames per segment + the multi-scale crop. Frame numbers are 0-based, one per clip frame.
+
+    Raises:
+        SampleError: the sample cannot be planned or decoded (as in the loader).
+    """
+    t = cfg.num_segments
+    val_req = ClipPlanner(SamplingSpec("val", t))(sample, np.random.default_rng(cfg.seed))
+    val = ClipFinisher(False, t, cfg.crop_size, cfg.scale_size)(val_req)[0]
+    train_req = ClipPlanner(SamplingSpec("train", t))(sample, _train_rng(cfg.seed, sample.key))
+    train = ClipFinisher(True, t, cfg.crop_size, cfg.scale_size)(train_req)
+    return (
+        val,
+        [val_req.frames[i] for i in val_req.order],
+        train,
+        [train_req.frames[i] for i in train_req.order],
+    )
+
+
+def _tiles(clip_tchw: torch.Tensor, tile_px: int) -> list[Image.Image]:
+    """uint8 `(T, 3, H, W)` -> T RGB images of `tile_px` squared (PIL bilinear, which antialiases when shrinking)."""
+    frames = clip_tchw.permute(0, 2, 3, 1).contiguous().numpy()
+    return [Image.fromarray(f, "RGB").resize((tile_px, tile_px), Image.Resampling.BILINEAR) for f in frames]
+
+
+def _choose(split: _Split, per_class: int, seed: int) -> list[_Entry]:
+    """`per_class` ok entries of every class (fewer where a class has fewer), seeded; ordered by class, then id."""
+    by_class: dict[int, list[_Entry]] = defaultdict(list)
+    for entry in split.ok:
+        by_class[-1 if entry.label is None else entry.label].append(entry)
+    rng = np.random.default_rng([seed, zlib.crc32(split.name.encode("utf-8"))])
+    chosen = []
+    for label in sorted(by_class):
+        pool = sorted(by_class[label], key=lambda e: (len(e.id), e.id))
+        picks = rng.choice(len(pool), size=min(per_class, len(pool)), replace=False)
+        chosen.extend(pool[int(i)] for i in sorted(picks))
+    return chosen
+
+
+def _read_samples(path: Path, keys: set[str]) -> dict[str, RawSample]:
+    """The members (bytes, undecoded) of the samples `keys` of one shard; stops once all were read."""
+    found: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            key, suffix = _split_member(info.name)
+            if key not in keys:
+                if len(found) == len(keys):
+                    break
+                continue
+            fh = tar.extractfile(info)
+            found.setdefault(key, {})[suffix] = fh.read() if fh is not None else b""
+    return {key: RawSample(key, members, str(path)) for key, members in found.items()}
+
+
+def _blocks(split: _Split, cfg: ReportConfig, on_progress: Progress) -> tuple[list[_Block], list[_Entry]]:
+    """The contact-sheet blocks of the chosen videos of a split (in `_choose` order) and the entries shown."""
+    chosen = _choose(split, cfg.videos_per_class, cfg.seed)
+    by_shard: dict[str, set[str]] = defaultdict(set)
+    for entry in chosen:
+        by_shard[entry.shard].add(entry.id)
+    samples: dict[str, RawSample] = {}
+    for shard, keys in sorted(by_shard.items()):
+        try:
+            samples.update(_read_samples(_shard_path(split.index_file, shard), keys))
+        except (OSError, tarfile.TarError) as exc:
+            split.notes.append(f"contact sheet: shard {shard} could not be read ({' '.join(str(exc).split())[:160]})")
+    tile = sheet_tile_px(cfg.crop_size)
+    blocks, shown = [], []
+    for entry in chosen:
+        sample = samples.get(entry.id)
+        if sample is None:
+            split.notes.append(f"contact sheet: video {entry.id} not found in {entry.shard}")
+            continue
+        try:
+            val, val_frames, train, train_frames = sheet_clips(sample, cfg)
+        except SampleError as exc:
+            split.notes.append(f"contact sheet: video {entry.id} skipped ({exc})")
+            continue
+        count = entry.num_frames if entry.num_frames is not None else "?"
+        caption = f"{_class_name(split.classes, entry.label)} | id {entry.id} | {count} frames"
+        blocks.append(_Block(caption, _tiles(val, tile), val_frames, _tiles(train, tile), train_frames))
+        shown.append(entry)
+    _say(on_progress, f"{split.name}: contact sheet of {len(blocks)} videos")
+    return blocks, shown
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width_px: int) -> str:
+    """`text`, cut with an ellipsis to fit `width_px` in the default font."""
+    if draw.textlength(text) <= width_px:
+        return text
+    while text and draw.textlength(text + "...") > width_px:
+        text = text[:-1]
+    return text + "..."
+
+
+def _draw_row(
+    sheet: Image.Image, draw: ImageDraw.ImageDraw, top: int, tiles: list[Image.Image], frames: list[int]
+) -> None:
+    """Paste one row of tiles at height `top`, each stamped with its frame number."""
+    for k, (tile, frame) in enumerate(zip(tiles, frames, strict=True)):
+        x = ROW_LABEL_PX + k * tile.width
+        sheet.paste(tile, (x, top))
+        label = str(frame)
+        draw.rectangle((x, top, x + draw.textlength(label) + 3, top + 11), fill=(0, 0, 0))
+        draw.text((x + 2, top), label, fill=(255, 255, 0))
+
+
+def _compose(blocks: Sequence[_Block], num_segments: int, tile_px: int) -> Image.Image:
+    """One contact-sheet image: per block a caption line, a `val` row and a `train` row of tiles."""
+    width, height = contact_sheet_size(len(blocks), num_segments, tile_px)
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    block_h = CAPTION_PX + 2 * tile_px + GAP_PX
+    for k, block in enumerate(blocks):
+        top = k * block_h
+        draw.text((2, top + 1), _fit(draw, block.caption, width - 4), fill=(0, 0, 0))
+        for row, (name, tiles, frames) in enumerate(
+            (("val", block.val_tiles, block.val_frames), ("train", block.train_tiles, block.train_frames))
+        ):
+            y = top + CAPTION_PX + row * tile_px
+            draw.text((3, y + tile_px // 2 - 6), name, fill=(60, 60, 60))
+            _draw_row(sheet, draw, y, tiles, frames)
+    return sheet
+
+
+def _write_sheets(
+    split: _Split, cfg: ReportConfig, out_dir: Path, on_progress: Progress
+) -> list[tuple[Path, list[_Entry]]]:
+    """Contact-sheet PNGs of one split (`contact-<split>-NN.png`), each with the entries it shows (top to bottom)."""
+    blocks, shown = _blocks(split, cfg, on_progress)
+    written = []
+    tile = sheet_tile_px(cfg.crop_size)
+    for k, start in enumerate(range(0, len(blocks), MAX_VIDEOS_PER_SHEET)):
+        image = _compose(blocks[start : start + MAX_VIDEOS_PER_SHEET], cfg.num_segments, tile)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        path = out_dir / f"contact-{split.name}-{k:02d}.png"
+        atomic_write_bytes(path, buf.getvalue())
+        written.append((path, shown[start : start + MAX_VIDEOS_PER_SHEET]))
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------- markdown
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def _counts_section(splits: list[_Split], counts: dict[str, dict[str, int]]) -> list[str]:
+    rows = []
+    for s in splits:
+        c = counts[s.name]
+        rows.append([s.name, *(c[k] for k in COUNT_KEYS), f"{c['bytes'] / 1e6:.2f}"])
+    return ["## Counts", "", *_table(["split", *COUNT_KEYS, "MB"], rows)]
+
+
+def _classes_section(classes: list[str], flip_pairs: list[list[int]]) -> list[str]:
+    lines = ["## Classes", "", f"classes: {len(classes)}", ""]
+    if flip_pairs:
+        pairs = [f"{_class_name(classes, a)} <-> {_class_name(classes, b)} ({a}/{b})" for a, b in flip_pairs]
+        lines += [f"flip pairs: {len(flip_pairs)}", "", *(f"- {_cell(p)}" for p in pairs), ""]
+    else:
+        lines += ["flip pairs: none", ""]
+    return lines
+
+
+def _failures_section(splits: list[_Split], failures: dict[str, Counter[tuple[str, str]]]) -> list[str]:
+    lines = ["## Failures", ""]
+    rows = [[name, status, reason, n] for name, per in failures.items() for (status, reason), n in sorted(per.items())]
+    if not rows:
+        return [*lines, "No failures: every entry of every split is in the shards.", ""]
+    lines += [*_table(["split", "status", "reason", "count"], rows), "![failures](failures.png)", ""]
+    examples = [(s.name, e) for s in splits for e in s.entries if e.status != "ok"][:MAX_FAILURE_EXAMPLES]
+    if examples:
+        lines += ["Examples:", ""]
+        lines += [f"- {name} `{e.id}` ({e.status}, {e.reason}): {_cell(e.error or '')}" for name, e in examples]
+        lines.append("")
+    return lines
+
+
+def _sizes_section(splits: list[_Split], counts: dict[str, dict[str, int]]) -> list[str]:
+    lines = ["## Frame sizes", ""]
+    for s in splits:
+        scanned = f"{s.shards_scanned} of {counts[s.name]['shards']} shards scanned"
+        top = ", ".join(f"{w}x{h}: {n}" for (w, h), n in s.sizes.most_common(MAX_SIZES_LISTED)) or "none"
+        lines.append(f"- {s.name} ({scanned}, {len(s.sizes)} distinct sizes): {top}")
+    return [*lines, "", "![frame sizes](frame_sizes.png)", ""]
+
+
+def _sheets_section(sheets: list[tuple[str, Path, list[_Entry]]], cfg: ReportConfig, classes: list[str]) -> list[str]:
+    if not sheets:
+        return []
+    lines = [
+        "## Contact sheets",
+        "",
+        f"Per video: `val` = the {cfg.num_segments} segment-centre frames after resize (short side "
+        f"{cfg.scale_size}) + centre crop {cfg.crop_size}; `train` = one train-mode draw (random frame per segment "
+        f"+ multi-scale crop, seed {cfg.seed}). Tiles are downscaled to {sheet_tile_px(cfg.crop_size)} px and show "
+        "their 0-based frame number.",
+        "",
+    ]
+    for split_name, path, entries in sheets:
+        rows = "; ".join(f"`{e.id}` {_class_name(classes, e.label)}" for e in entries)
+        lines += [f"### {split_name}: {path.name}", "", f"Rows, top to bottom: {_cell(rows)}", ""]
+        lines += [f"![contact sheet {split_name}]({path.name})", ""]
+    return lines
+
+
+def _notes_section(splits: list[_Split], counts: dict[str, dict[str, int]]) -> list[str]:
+    notes = [(s.name, n) for s in splits for n in [*_consistency_notes(s, counts[s.name]), *s.notes]]
+    if not notes:
+        return []
+    return ["## Notes", "", *(f"- {name}: {_cell(note)}" for name, note in notes), ""]
+
+
+# ------------------------------------------------------------------------------------------------- orchestrator
+def _remove_stale(out_dir: Path, written: list[Path]) -> None:
+    """Delete PNGs of an earlier report in `out_dir` that this run did not write (only names this module uses)."""
+    keep = set(written)
+    for path in [*(out_dir / n for n in PLOT_NAMES), *out_dir.glob("contact-*.png")]:
+        if path not in keep and path.is_file():
+            path.unlink()
+
+
+def _load_all(cfg: ReportConfig, on_progress: Progress) -> list[_Split]:
+    indexes = find_indexes(cfg.shard_dir) if cfg.shard_dir.is_dir() else []
+    if not indexes:
+        raise ShardError(
+            f"{cfg.shard_dir}: no shard index ({DATASET_NAME}-<split>.json) found; is this a shard folder?"
+        )
+    splits = []
+    for index_file in indexes:
+        split = _load_split(index_file)
+        _scan_split(split, cfg.max_shards_scanned, on_progress)
+        splits.append(split)
+    return splits
+
+
+def _write_plots(
+    splits: list[_Split],
+    counts: dict[str, dict[str, int]],
+    failures: dict[str, Counter[tuple[str, str]]],
+    out_dir: Path,
+) -> list[Path]:
+    """The plot PNGs (the failures plot only when something failed)."""
+    images = [
+        _plot_videos_per_class(splits, splits[0].classes, out_dir / "videos_per_class.png"),
+        _plot_frames(splits, out_dir / "frames_per_video.png"),
+        _plot_sizes(splits, out_dir / "frame_sizes.png"),
+        _plot_bytes(splits, counts, out_dir / "bytes.png"),
+    ]
+    if any(failures.values()):
+        images.append(_plot_failures(failures, out_dir / "failures.png"))
+    return images
+
+
+def _page(
+    cfg: ReportConfig,
+    splits: list[_Split],
+    counts: dict[str, dict[str, int]],
+    failures: dict[str, Counter[tuple[str, str]]],
+    sheets: list[tuple[str, Path, list[_Entry]]],
+) -> str:
+    """The Markdown text of report.md (images linked by file name: they sit beside it)."""
+    classes = splits[0].classes
+    lines = [
+        f"# Dataset report: {cfg.shard_dir.name}",
+        "",
+        f"Folder: `{cfg.shard_dir}`; splits: {', '.join(s.name for s in splits)}.",
+        "",
+        *_counts_section(splits, counts),
+        *_classes_section(classes, splits[0].index.get("flip_pairs") or []),
+        "## Videos per class",
+        "",
+        "![videos per class](videos_per_class.png)",
+        "",
+        "## Frames per video",
+        "",
+        "![frames per video](frames_per_video.png)",
+        "",
+        *_sizes_section(splits, counts),
+        "## Bytes",
+        "",
+        "![bytes](bytes.png)",
+        "",
+        *_failures_section(splits, failures),
+        *_sheets_section(sheets, cfg, classes),
+        *_notes_section(splits, counts),
+    ]
+    return "\n".join(lines)
+
+
+def write_report(cfg: ReportConfig, *, on_progress: Callable[[str], None] | None = None) -> ReportResult:
+    """Write `report.md` and its PNGs (plots and contact sheets) for the shard folder `cfg.shard_dir`.
+
+    Re-running overwrites the page and its images (atomically) and removes images of an earlier run that no longer
+    apply. Nothing is written outside `out_dir`; shards are read only inside the folder. Without a manifest, every
+    shard of that split is scanned whatever `max_shards_scanned` says (the sample JSONs are then the only entries).
+
+    Args:
+        cfg: what to report on and the contact-sheet settings.
+        on_progress: called with a one-line message per scanned shard and per written file.
+
+    Returns:
+        The page, the PNGs written and the per-split counts the page states.
+
+    Raises:
+        ConfigError: a bad setting.
+        ShardError: the folder holds no shard index, or an index/manifest/class list that cannot be read, or an
+            index that lists a shard outside the folder.
+    """
+    cfg.validate()
+    out_dir = cfg.resolved_out_dir
+    splits = _load_all(cfg, on_progress)
+    counts = {s.name: _split_counts(s) for s in splits}
+    failures = {s.name: _failure_counts(s) for s in splits}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = _write_plots(splits, counts, failures, out_dir)
+    _say(on_progress, f"wrote {len(images)} plots to {out_dir}")
+    sheets: list[tuple[str, Path, list[_Entry]]] = []
+    if cfg.videos_per_class > 0:
+        for split in [s for s in splits if s.name in CONTACT_SPLITS] or splits[:1]:
+            sheets += [(split.name, path, shown) for path, shown in _write_sheets(split, cfg, out_dir, on_progress)]
+    images += [path for _, path, _ in sheets]
+    page = out_dir / "report.md"
+    atomic_write_text(page, _page(cfg, splits, counts, failures, sheets) + "\n")
+    _remove_stale(out_dir, images)
+    _say(on_progress, f"wrote {page}")
+    return ReportResult(page=page, images=images, counts=counts)

@@ -1,0 +1,243 @@
+"""`ssv2prep.report`: the page, its plots and contact sheets, checked against the folder's own files."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures import copy_dataset, make_shards, read_json
+from PIL import Image
+
+from ssv2prep.data.loader import DataConfig, build_eval_loader, decode_jpegs, num_multiscale_pairs
+from ssv2prep.data.sampling import segment_centre_indices
+from ssv2prep.data.source import iter_samples, resolve_source
+from ssv2prep.data.transforms import NUM_FIXED_OFFSETS, TrainCrop, apply_train_crop
+from ssv2prep.errors import ConfigError, ShardError
+from ssv2prep.prep.index import read_index, read_manifest
+from ssv2prep.report import (
+    CAPTION_PX,
+    GAP_PX,
+    ROW_LABEL_PX,
+    ReportConfig,
+    ReportResult,
+    contact_sheet_size,
+    sheet_clips,
+    sheet_tile_px,
+    write_report,
+)
+
+T = 8
+STAMP_PX = 12  # the frame-number stamp in a tile's top-left corner
+IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)]+)\)")
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> ReportResult:
+    """The report of the read-only `tiny_shards` folder, written to a private folder."""
+    out = tmp_path_factory.mktemp("report-tiny")
+    return write_report(ReportConfig(tiny_shards, out_dir=out, videos_per_class=2, num_segments=T))
+
+
+def _table_rows(page: str) -> dict[str, list[str]]:
+    """Rows of the counts table by split: the cells after the split name."""
+    section = page.split("## Counts", 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in section.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in rows[0]]
+    assert header[:8] == ["split", "entries", "ok", "failed", "missing", "shards", "frames", "bytes"]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+def _sheet_rows(page: str, name: str) -> list[str]:
+    """Video ids of a contact sheet, top to bottom, as the page lists them."""
+    section = page.split(f": {name}\n", 1)[1]
+    line = next(x for x in section.splitlines() if x.startswith("Rows, top to bottom:"))
+    return re.findall(r"`([^`]+)`", line)
+
+
+def _expected_counts(folder: Path, split: str) -> dict[str, int]:
+    index = read_index(folder / f"ssv2-{split}.json")
+    manifest = read_manifest(folder / f"ssv2-{split}.manifest.jsonl")
+    status = Counter(line["status"] for line in manifest)
+    files = [folder / e["url"] for e in index["shardlist"]]
+    assert sum(e["nsamples"] for e in index["shardlist"]) == status["ok"]
+    return {
+        "entries": len(manifest),
+        "ok": status["ok"],
+        "failed": status["failed"],
+        "missing": status["missing"],
+        "shards": len(files),
+        "frames": index["num_frames"],
+        "bytes": sum(p.stat().st_size for p in files),
+    }
+
+
+def test_page_links_every_png_and_each_opens(tiny_report: ReportResult) -> None:
+    page = tiny_report.page.read_text(encoding="utf-8")
+    linked = IMAGE_LINK.findall(page)
+    assert sorted(linked) == sorted(p.name for p in tiny_report.images)
+    assert {p.parent for p in tiny_report.images} == {tiny_report.page.parent}
+    assert {"videos_per_class.png", "frames_per_video.png", "frame_sizes.png", "bytes.png"} <= set(linked)
+    assert {"contact-train-00.png", "contact-validation-00.png"} <= set(linked)
+    for name in linked:
+        with Image.open(tiny_report.page.parent / name) as image:
+            assert image.format == "PNG"
+            assert 200 <= image.width <= 4000 and 150 <= image.height <= 10000, (name, image.size)
+    assert "failures.png" not in linked
+    assert "No failures" in page
+    assert not (tiny_report.page.parent / "failures.png").exists()
+
+
+def test_counts_equal_index_and_manifest(tiny_report: ReportResult, tiny_shards: Path) -> None:
+    page = tiny_report.page.read_text(encoding="utf-8")
+    table = _table_rows(page)
+    assert set(tiny_report.counts) == set(table) == {"train", "validation", "test"}
+    for split, stated in tiny_report.counts.items():
+        expected = _expected_counts(tiny_shards, split)
+        assert stated == expected
+        cells = table[split]
+        assert [int(c) for c in cells[:7]] == [expected[k] for k in stated]
+        assert cells[7] == f"{expected['bytes'] / 1e6:.2f}"
+    assert tiny_report.counts["train"]["ok"] == 12 and tiny_report.counts["validation"]["ok"] == 4
+    classes = read_json(tiny_shards / "classes.json")
+    assert f"classes: {len(classes)}" in page
+    a, b = read_index(tiny_shards / "ssv2-train.json")["flip_pairs"][0]
+    assert f"{classes[a]} <-> {classes[b]}" in page
+
+
+def test_frame_sizes_come_from_sample_jsons(tiny_report: ReportResult, tiny_shards: Path) -> None:
+    page = tiny_report.page.read_text(encoding="utf-8")
+    index = read_index(tiny_shards / "ssv2-validation.json")
+    sizes = Counter()
+    for entry in index["shardlist"]:
+        for sample in iter_samples(str(tiny_shards / entry["url"])):
+            meta = json.loads(sample.members["json"])
+            sizes[(meta["width"], meta["height"])] += 1
+    line = next(x for x in page.splitlines() if x.startswith("- validation ("))
+    assert f"2 of 2 shards scanned, {len(sizes)} distinct sizes" in line
+    listed = {(int(w), int(h)): int(n) for w, h, n in re.findall(r"(\d+)x(\d+): (\d+)", line)}
+    assert listed == dict(sizes)
+
+
+def test_contact_sheet_geometry(tiny_report: ReportResult, tiny_shards: Path) -> None:
+    page = tiny_report.page.read_text(encoding="utf-8")
+    classes = read_json(tiny_shards / "classes.json")
+    tile = sheet_tile_px(224)
+    assert tile == 96
+    for split, per_class in (("train", 2), ("validation", 1)):  # validation has one video per class
+        name = f"contact-{split}-00.png"
+        ids = _sheet_rows(page, name)
+        assert len(ids) == per_class * len(classes)
+        labels = {line["id"]: line["label"] for line in read_manifest(tiny_shards / f"ssv2-{split}.manifest.jsonl")}
+        assert Counter(labels[i] for i in ids) == dict.fromkeys(range(len(classes)), per_class)
+        width, height = ROW_LABEL_PX + T * tile, len(ids) * (CAPTION_PX + 2 * tile + GAP_PX)
+        assert contact_sheet_size(len(ids), T, tile) == (width, height)
+        with Image.open(tiny_report.page.parent / name) as image:
+            assert image.size == (width, height)
+
+
+def _loader_clips(tiny_shards: Path) -> dict[str, torch.Tensor]:
+    source = resolve_source(str(tiny_shards / "ssv2-validation.json"))
+    cfg = DataConfig(num_segments=T, batch_size=4, num_workers=0, pin_memory=False)
+    return {key: batch.clips[i, 0] for batch in build_eval_loader(source, cfg) for i, key in enumerate(batch.keys)}
+
+
+def test_val_rows_show_what_the_eval_loader_yields(tiny_report: ReportResult, tiny_shards: Path) -> None:
+    page = tiny_report.page.read_text(encoding="utf-8")
+    ids = _sheet_rows(page, "contact-validation-00.png")
+    clips = _loader_clips(tiny_shards)
+    tile = sheet_tile_px(224)
+    with Image.open(tiny_report.page.parent / "contact-validation-00.png") as image:
+        sheet = np.asarray(image.convert("RGB"))
+    for row, key in enumerate(ids):
+        top = row * (CAPTION_PX + 2 * tile + GAP_PX) + CAPTION_PX
+        for k, frame in enumerate(clips[key].permute(0, 2, 3, 1).numpy()):
+            expected = np.asarray(Image.fromarray(frame).resize((tile, tile), Image.Resampling.BILINEAR))
+            x = ROW_LABEL_PX + k * tile
+            shown = sheet[top : top + tile, x : x + tile]
+            np.testing.assert_array_equal(shown[STAMP_PX:], expected[STAMP_PX:], err_msg=f"video {key} frame {k}")
+
+
+def test_sheet_clips_use_loader_sampling_and_a_multiscale_crop(tiny_shards: Path) -> None:
+    index = read_index(tiny_shards / "ssv2-train.json")
+    sample = next(iter_samples(str(tiny_shards / index["shardlist"][0]["url"])))
+    num_frames = sum(1 for name in sample.members if name.endswith(".jpg"))
+    cfg = ReportConfig(tiny_shards, num_segments=T, crop_size=32, scale_size=40, seed=3)
+    val, val_frames, train, train_frames = sheet_clips(sample, cfg)
+    assert val.shape == train.shape == (T, 3, 32, 32) and val.dtype == train.dtype == torch.uint8
+    assert val_frames == segment_centre_indices(num_frames, T)
+    # 11..14 frames in 8 segments: every train segment is one frame wide, so the draw is frames 0..7
+    assert train_frames == list(range(T))
+    frames = decode_jpegs([sample.members[f"{i:06d}.jpg"] for i in train_frames])
+    matches = [
+        (pair, offset)
+        for pair in range(num_multiscale_pairs())
+        for offset in range(NUM_FIXED_OFFSETS)
+        if torch.equal(apply_train_crop(frames, TrainCrop(pair, offset, False), crop_size=32, scale_size=40), train)
+    ]
+    assert matches, "the train row is not a multi-scale crop of the sampled frames"
+    again = sheet_clips(sample, cfg)
+    assert torch.equal(again[2], train) and again[3] == train_frames
+
+
+def test_failures_are_shown_with_reason_and_count(synth_tiny, tmp_path: Path) -> None:
+    videos, labels = copy_dataset(synth_tiny, tmp_path / "src")
+    broken = read_json(labels / "train.json")[0]["id"]
+    (videos / f"{broken}.webm").write_bytes(b"")
+    shards = make_shards(videos, labels, tmp_path / "shards")
+    messages: list[str] = []
+    cfg = ReportConfig(shards, videos_per_class=1, num_segments=4, max_shards_scanned=1)
+    result = write_report(cfg, on_progress=messages.append)
+    assert sorted(m.split(":")[0] for m in messages if "scanned shard" in m) == ["test", "train", "validation"]
+    assert result.page == shards / "report" / "report.md"
+    page = result.page.read_text(encoding="utf-8")
+    manifest = read_manifest(shards / "ssv2-train.manifest.jsonl")
+    failed = [line for line in manifest if line["status"] == "failed"]
+    assert [line["id"] for line in failed] == [broken]
+    reason = failed[0]["reason"]
+    assert reason == "empty_file"
+    assert f"| train | failed | {reason} | 1 |" in page
+    assert f"train `{broken}` (failed, {reason})" in page
+    assert result.counts["train"]["failed"] == 1 and result.counts["train"]["ok"] == 11
+    assert _table_rows(page)["train"][:4] == ["12", "11", "1", "0"]
+    assert "No failures" not in page
+    assert (result.page.parent / "failures.png").is_file()
+    assert "train (1 of 4 shards scanned" in page
+    assert broken not in _sheet_rows(page, "contact-train-00.png")
+
+    # a re-run without contact sheets drops the old sheets and their section
+    again = write_report(ReportConfig(shards, videos_per_class=0))
+    assert not list(again.page.parent.glob("contact-*.png"))
+    assert "## Contact sheets" not in again.page.read_text(encoding="utf-8")
+    assert again.counts == result.counts
+    assert not list(again.page.parent.glob("*.tmp"))
+
+
+def test_folder_without_index_is_a_shard_error(tmp_path: Path) -> None:
+    with pytest.raises(ShardError, match=re.escape(str(tmp_path))):
+        write_report(ReportConfig(tmp_path))
+    with pytest.raises(ShardError, match="no shard index"):
+        write_report(ReportConfig(tmp_path / "absent"))
+    assert not (tmp_path / "report").exists()
+
+
+def test_index_listing_a_shard_outside_the_folder_is_refused(tiny_shards: Path, tmp_path: Path) -> None:
+    index = read_index(tiny_shards / "ssv2-train.json")
+    index["shardlist"] = [{**index["shardlist"][0], "url": "../elsewhere/ssv2-train-000000.tar"}]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "ssv2-train.json").write_text(json.dumps(index))
+    (folder / "classes.json").write_bytes((tiny_shards / "classes.json").read_bytes())
+    with pytest.raises(ShardError, match="not a file in"):
+        write_report(ReportConfig(folder, out_dir=tmp_path / "out"))
+
+
+def test_bad_settings_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="scale_size"):
+        write_report(ReportConfig(tmp_path, crop_size=224, scale_size=200))
+    with pytest.raises(ConfigError, match="videos_per_class"):
+        write_report(ReportConfig(tmp_path, videos_per_class=-1))

@@ -1,0 +1,296 @@
+"""Training and evaluation end to end on tiny synthetic shards (CPU, resnet18, 4 frames of 32 px)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from ssv2prep.cli import main
+from ssv2prep.data.loader import DataConfig
+from ssv2prep.models.tsm import ModelConfig
+from ssv2prep.train.config import OptimConfig, RuntimeConfig, TrainConfig
+from ssv2prep.train.evaluation import EvalConfig, evaluate_checkpoint
+from ssv2prep.train.loop import NonFiniteLossError
+from ssv2prep.train.report import read_metrics
+from ssv2prep.train.run import fit
+
+
+def train_args(*, batch_size: int = 4, lr: float = 0.01) -> list[str]:
+    return [
+        "--backbone",
+        "resnet18",
+        "--segments",
+        "4",
+        "--crop-size",
+        "32",
+        "--scale-size",
+        "40",
+        "--batch-size",
+        str(batch_size),
+        "--workers",
+        "1",
+        "--lr",
+        str(lr),
+        "--no-lr-scaling",
+        "--log-every",
+        "1",
+        "--dropout",
+        "0.0",
+        "--device",
+        "cpu",
+    ]
+
+
+def tiny_config(shards: Path, out: Path, *, epochs: int = 2, lr: float = 0.01, shift_div: int = 8) -> TrainConfig:
+    return TrainConfig(
+        train=str(shards / "ssv2-train.json"),
+        val=str(shards / "ssv2-validation.json"),
+        out=out,
+        model=ModelConfig(backbone="resnet18", num_segments=4, shift_div=shift_div, dropout=0.0),
+        data=DataConfig(num_segments=4, crop_size=32, scale_size=40, batch_size=4, num_workers=1),
+        optim=OptimConfig(epochs=epochs, lr=lr, scale_lr=False, lr_steps=()),
+        runtime=RuntimeConfig(device="cpu", log_every=1),
+    )
+
+
+def train_losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A TSM trained 6 epochs on the tiny shards (3 steps per epoch)."""
+    out = tmp_path_factory.mktemp("run") / "tsm"
+    fit(tiny_config(tiny_shards, out, epochs=6, lr=0.003))
+    return out
+
+
+def test_loss_falls_and_every_output_is_written(trained: Path) -> None:
+    losses = [loss for _, loss in train_losses(trained)]
+    assert len(losses) == 18  # 6 epochs x (12 videos // batch 4)
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < 0.9 * first and last < np.log(4)  # below the loss of a uniform guess over the 4 classes
+    for name in ("last.pt", "best.pt", "config.json", "metrics.jsonl", "loss.png", "accuracy.png"):
+        assert (trained / name).is_file(), name
+    records = read_metrics(trained / "metrics.jsonl")
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["epoch"] for r in evals] == [1, 2, 3, 4, 5, 6] and all(r["videos"] == 4 for r in evals)
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2, 3, 4, 5, 6]
+    config = json.loads((trained / "config.json").read_text())
+    assert config["model"]["backbone"] == "resnet18" and len(config["classes"]) == 4
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(tiny_shards: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    fit(tiny_config(tiny_shards, reference, epochs=3))
+    killed = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "ssv2prep",
+        "-q",
+        "train",
+        "--data",
+        str(tiny_shards),
+        "--out",
+        str(killed),
+        "--epochs",
+        "3",
+        "--lr-steps",
+        "",
+        *train_args(),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (killed / "last.pt").exists():
+        time.sleep(0.01)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "last.pt").exists()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ref, got = train_losses(reference), train_losses(killed)
+    assert [s for s, _ in got] == [s for s, _ in ref] == list(range(9))
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in ref], rtol=1e-5)
+
+
+def test_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "nan"
+    fit(tiny_config(tiny_shards, out, epochs=1))
+    good = (out / "last.pt").read_bytes()
+    with pytest.raises(NonFiniteLossError, match="epoch 1"):
+        fit(tiny_config(tiny_shards, out, epochs=2, lr=1e30))
+    assert (out / "last.pt").read_bytes() == good
+    result = CliRunner().invoke(
+        main, ["train", "--data", str(tiny_shards), "--out", str(out), "--epochs", "2", *train_args(lr=1e30)]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the loss became")
+
+
+def test_corrupt_samples_are_skipped_and_counted(tiny_shards: Path, tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    victim = shards / "ssv2-train-000000.tar"
+    with tarfile.open(victim) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first_key = members[0][0].name.split(".")[0]
+    with tarfile.open(victim, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for info, data in members:
+            if info.name.startswith(first_key + ".") and info.name.endswith(".jpg"):
+                data = b"\xff\xd8 this is not a jpeg"
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "run"
+    fit(tiny_config(shards, out, epochs=1))
+    epochs = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert epochs[0]["skipped"] == 1
+
+
+def test_eval_metrics_and_reports(trained: Path, tiny_shards: Path, tmp_path: Path) -> None:
+    cfg = EvalConfig(
+        checkpoint=trained / "last.pt",
+        data=str(tiny_shards / "ssv2-validation.json"),
+        out=tmp_path / "eval",
+        settings=((1, 1), (3, 2)),
+        predictions=tmp_path / "pred.csv",
+        workers=1,
+    )
+    rows = evaluate_checkpoint(cfg)
+    assert [(r["crops"], r["clips"], r["videos"]) for r in rows] == [(1, 1, 4), (3, 2, 4)]
+    cm = np.load(tmp_path / "eval" / "confusion.npy")
+    assert cm.shape == (4, 4) and cm.sum() == 4
+    assert rows[0]["top1"] == pytest.approx(100 * np.trace(cm) / cm.sum())
+    per_class = (tmp_path / "eval" / "per_class.csv").read_text().splitlines()
+    assert len(per_class) == 5 and per_class[0] == "index,class,videos,correct,accuracy"
+    lines = (tmp_path / "pred.csv").read_text().splitlines()
+    assert len(lines) == 4 and all(len(line.split(";")) == 1 + 4 for line in lines)  # id + top-min(5, K)
+    grid = (tmp_path / "eval" / "grid.md").read_text()
+    assert "| 3 | 2 | 6 | 4 |" in grid
+
+
+def test_official_export_evaluates_to_the_same_numbers(trained: Path, tiny_shards: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["export", str(trained / "last.pt"), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    exported = next(tmp_path.glob("TSM_somethingv2_RGB_resnet18_shift8_blockres_avg_segment4_e6*.pth"))
+    ours = evaluate_checkpoint(
+        EvalConfig(
+            checkpoint=trained / "last.pt",
+            data=str(tiny_shards),
+            index=str(tiny_shards / "ssv2-validation.json"),
+            out=tmp_path / "a",
+            crop_size=32,
+            scale_size=40,
+            workers=1,
+        )
+    )
+    theirs = evaluate_checkpoint(
+        EvalConfig(
+            checkpoint=exported,
+            data=str(tiny_shards / "ssv2-validation.json"),
+            out=tmp_path / "b",
+            crop_size=32,
+            scale_size=40,
+            workers=1,
+        )
+    )
+    assert ours[0]["top1"] == theirs[0]["top1"] and ours[0]["top5"] == theirs[0]["top5"]
+    np.testing.assert_array_equal(np.load(tmp_path / "a/confusion.npy"), np.load(tmp_path / "b/confusion.npy"))
+
+
+def test_predict_agrees_with_eval_on_a_video(trained: Path, tiny_shards: Path, synth_tiny, tmp_path: Path) -> None:
+    evaluate_checkpoint(
+        EvalConfig(
+            checkpoint=trained / "last.pt",
+            data=str(tiny_shards / "ssv2-validation.json"),
+            out=tmp_path / "e",
+            predictions=tmp_path / "pred.csv",
+            workers=1,
+        )
+    )
+    video_id, *top5 = (tmp_path / "pred.csv").read_text().splitlines()[0].split(";")
+    classes = json.loads((tiny_shards / "classes.json").read_text())
+    result = CliRunner().invoke(
+        main, ["predict", str(trained / "last.pt"), str(synth_tiny.videos_dir / f"{video_id}.webm")]
+    )
+    assert result.exit_code == 0, result.output
+    lines = [line.strip() for line in result.stdout.splitlines() if line.strip()[:2] in ("1.", "2.", "3.", "4.")]
+    assert len(lines) == 4  # 4 classes
+    assert lines[0].startswith(f"1. {classes[int(top5[0])]} ")
+    probs = [float(line.rsplit(" ", 1)[1].rstrip("%")) for line in lines]
+    assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 100) < 0.5
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "0",
+        "-m",
+        "ssv2prep",
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_and_eval_like_one(trained: Path, tiny_shards: Path, tmp_path: Path) -> None:
+    # eval: 2 ranks on gloo see every video once and give exactly the single-process numbers
+    single = evaluate_checkpoint(
+        EvalConfig(
+            checkpoint=trained / "last.pt",
+            data=str(tiny_shards / "ssv2-test.json"),
+            out=tmp_path / "one",
+            settings=((1, 1), (3, 2)),
+            workers=1,
+        )
+    )
+    proc = torchrun(
+        "eval",
+        "--checkpoint",
+        str(trained / "last.pt"),
+        "--data",
+        str(tiny_shards / "ssv2-test.json"),
+        "--grid",
+        "crops=1,3;clips=1,2",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "two"),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    double = json.loads((tmp_path / "two/report.json").read_text())["settings"]
+    for a, b in zip(single, double, strict=True):
+        assert (a["videos"], a["top1"], a["top5"]) == (b["videos"], b["top1"], b["top5"])
+    np.testing.assert_array_equal(np.load(tmp_path / "one/confusion.npy"), np.load(tmp_path / "two/confusion.npy"))
+    # train: both ranks step equally (12 videos / (2 x 2) = 3 steps per epoch), rank 0 alone writes
+    out = tmp_path / "ddp"
+    proc = torchrun(
+        "train", "--data", str(tiny_shards), "--out", str(out), "--epochs", "2", *train_args(batch_size=2), cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(6))
+    assert [r["steps"] for r in records if r["kind"] == "epoch"] == [3, 3]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["videos"] for r in evals] == [4, 4]
+    config = json.loads((out / "config.json").read_text())
+    assert config["base_lr"] == pytest.approx(0.01)  # --no-lr-scaling
