@@ -39,7 +39,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import braceexpand
 
 from ssv2prep.errors import ConfigError, ShardError
-from ssv2prep.prep.index import INDEX_KIND, read_classes, read_index
+from ssv2prep.prep.index import check_index, read_classes, read_index
 
 log = logging.getLogger(__name__)
 
@@ -142,17 +142,7 @@ def _read_http_index(url: str) -> dict[str, Any]:
         obj = json.loads(data or b"")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ShardError(f"{url}: not a readable shard index ({exc})") from exc
-    # the same checks as ssv2prep.prep.index.read_index, which only reads local files
-    if not isinstance(obj, dict) or obj.get("__kind__") != INDEX_KIND or not isinstance(obj.get("shardlist"), list):
-        raise ShardError(f"{url}: not a shard index (expected __kind__ {INDEX_KIND!r} and a shardlist)")
-    for entry in obj["shardlist"]:
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("url"), str)
-            or not isinstance(entry.get("nsamples"), int)
-        ):
-            raise ShardError(f"{url}: every shardlist entry needs a url and an integer nsamples")
-    return obj
+    return check_index(obj, url)
 
 
 def _read_classes(index_url: str, index: dict[str, Any]) -> tuple[str, ...] | None:

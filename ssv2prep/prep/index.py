@@ -142,8 +142,19 @@ def write_classes(out_dir: Path, classes: list[str]) -> None:
     atomic_write_json(out_dir / "classes.json", list(classes))
 
 
+def check_index(obj: Any, where: str) -> dict[str, Any]:
+    """Sanity-check a parsed shard index (from a file or a URL named by `where`); return it."""
+    if not isinstance(obj, dict) or obj.get("__kind__") != INDEX_KIND or not isinstance(obj.get("shardlist"), list):
+        raise ShardError(f"{where}: not a shard index (expected __kind__ {INDEX_KIND!r} and a shardlist)")
+    for entry in obj["shardlist"]:
+        url = entry.get("url") if isinstance(entry, dict) else None
+        if not isinstance(url, str) or not isinstance(entry.get("nsamples"), int):
+            raise ShardError(f"{where}: every shardlist entry needs a url and an integer nsamples")
+    return obj
+
+
 def read_index(path: str | Path) -> dict[str, Any]:
-    """Load and sanity-check a shard index; raise ShardError naming the file."""
+    """Load and sanity-check a local shard index; raise ShardError naming the file."""
     p = Path(path)
     try:
         obj = json.loads(p.read_text(encoding="utf-8"))
@@ -151,13 +162,7 @@ def read_index(path: str | Path) -> dict[str, Any]:
         raise ShardError(f"{p}: shard index not found") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ShardError(f"{p}: not a readable shard index ({exc})") from exc
-    if not isinstance(obj, dict) or obj.get("__kind__") != INDEX_KIND or not isinstance(obj.get("shardlist"), list):
-        raise ShardError(f"{p}: not a shard index (expected __kind__ {INDEX_KIND!r} and a shardlist)")
-    for entry in obj["shardlist"]:
-        url = entry.get("url") if isinstance(entry, dict) else None
-        if not isinstance(url, str) or not isinstance(entry.get("nsamples"), int):
-            raise ShardError(f"{p}: every shardlist entry needs a url and an integer nsamples")
-    return obj
+    return check_index(obj, str(p))
 
 
 def read_classes(index_file: str | Path, index: dict[str, Any]) -> list[str]:
