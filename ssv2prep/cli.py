@@ -680,6 +680,7 @@ def _is_main_process() -> bool:
 @click.option("--scale-size", type=int, default=256, show_default=True, help="Eval: resize short side to this.")
 @click.option("--dense", is_flag=True, help="Dense sampling (64-frame window) instead of segments.")
 @click.option("--flip", is_flag=True, help="Horizontal flip with the label swap of the index's flip_pairs.")
+@click.option("--gpu-decode", is_flag=True, help="Decode JPEGs on the GPU (nvjpeg via torchvision); CUDA only.")
 @click.option("--epochs", type=int, default=50, show_default=True)
 @click.option("--lr", type=float, default=0.01, show_default=True, help="Per 64 clips of total batch.")
 @click.option("--no-lr-scaling", is_flag=True, help="Use --lr as is instead of scaling it by total batch / 64.")
@@ -743,6 +744,7 @@ def _train_config(opts: dict[str, Any]) -> Any:
         scale_size=opts["scale_size"],
         dense=opts["dense"],
         flip=opts["flip"],
+        gpu_decode=opts["gpu_decode"],
         batch_size=opts["batch_size"],
         num_workers=workers,
     )
