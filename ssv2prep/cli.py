@@ -292,7 +292,15 @@ def _print_summaries(summaries: dict[str, Any], out_dir: Path) -> None:
 )
 @click.option("--videos-per-shard", type=int, default=500, show_default=True)
 @click.option("--workers", type=int, default=0, show_default=True, help="Decoding processes (0 = one per core).")
-@click.option("--quality", type=int, default=90, show_default=True, help="JPEG quality.")
+@click.option("--quality", type=int, default=90, show_default=True, help="JPEG quality on libjpeg's 1..95 scale.")
+@click.option(
+    "--jpeg-encoder",
+    type=click.Choice(["ffmpeg", "pillow"]),
+    default="ffmpeg",
+    show_default=True,
+    help="ffmpeg: FFmpeg's mjpeg from the YUV planes, --quality mapped to its quantizer (90 -> q:v 2, as the "
+    "official recipe); pillow: libjpeg at exactly --quality (slower).",
+)
 @click.option("--short-side", type=int, default=None, help="Scale frames so the short side has S pixels.")
 @click.option(
     "--format",
@@ -321,6 +329,7 @@ def shard(
     videos_per_shard: int,
     workers: int,
     quality: int,
+    jpeg_encoder: str,
     short_side: int | None,
     fmt: str,
     decoder: str,
@@ -352,7 +361,9 @@ def shard(
         workers=workers,
         part=parse_part(part),
         seed=seed,
-        writer=WriterSettings(format=fmt, quality=quality, short_side=short_side, decoder=decoder),
+        writer=WriterSettings(
+            format=fmt, quality=quality, short_side=short_side, decoder=decoder, encoder=jpeg_encoder
+        ),
         max_failed_fraction=max_failed_fraction,
     )
     with _progress() as progress:
@@ -439,9 +450,19 @@ def _emit_json(path: Path | None, result: dict[str, Any]) -> None:
     default=None,
     help="Folder of webm files (default: synthesize a set).",
 )
-@click.option("--num-videos", type=int, default=60, show_default=True, help="Videos to use.")
+@click.option(
+    "--num-videos", type=int, default=200, show_default=True, help="Videos to use (enough to amortize pool start-up)."
+)
 @click.option("--workers", "workers_list", default="1,2", show_default=True, help="Worker counts to compare.")
 @click.option("--height", type=int, default=240, show_default=True, help="Height of synthesized videos.")
+@click.option(
+    "--jpeg-encoder",
+    type=click.Choice(["ffmpeg", "pillow"]),
+    default="ffmpeg",
+    show_default=True,
+    help="The JPEG encoder of `shard` and the bound.",
+)
+@click.option("--repeats", type=int, default=2, show_default=True, help="Interleaved runs; the best is reported.")
 @click.option(
     "--work-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -460,6 +481,8 @@ def bench_shard(
     num_videos: int,
     workers_list: str,
     height: int,
+    jpeg_encoder: str,
+    repeats: int,
     work_dir: Path | None,
     json_path: Path | None,
 ) -> None:
@@ -467,7 +490,7 @@ def bench_shard(
 
     \b
     Example:
-      ssv2prep bench shard --num-videos 60 --workers 1,2 --json bench-shard.json
+      ssv2prep bench shard --num-videos 200 --workers 1,2 --json bench-shard.json
     """
     from ssv2prep.bench.shard import ShardBenchConfig, format_shard_bench, run_shard_bench
 
@@ -475,6 +498,8 @@ def bench_shard(
         videos_dir=videos_dir,
         num_videos=num_videos,
         height=height,
+        encoder=jpeg_encoder,
+        repeats=repeats,
         work_dir=work_dir,
         workers=tuple(int(w) for w in _split_list(workers_list)),
     )
@@ -1088,9 +1113,18 @@ def report(
 )
 @click.option("--crops", type=click.Choice(["1", "3", "5", "10"]), default="1", show_default=True)
 @click.option("--clips", type=click.Choice(["1", "2"]), default="1", show_default=True)
+@click.option("--scale-size", type=int, default=None, help="Resize short side (default: as trained).")
+@click.option("--crop-size", type=int, default=None, help="Crop size (default: as trained).")
 @click.option("--online", is_flag=True, help="Frame by frame with a unidirectional model; print as it evolves.")
 def predict(
-    checkpoint: Path, videos: tuple[Path, ...], classes_file: Path | None, crops: str, clips: str, online: bool
+    checkpoint: Path,
+    videos: tuple[Path, ...],
+    classes_file: Path | None,
+    crops: str,
+    clips: str,
+    scale_size: int | None,
+    crop_size: int | None,
+    online: bool,
 ) -> None:
     """Classify webm/mp4 files directly and print the top-5 classes with probabilities.
 
@@ -1109,9 +1143,20 @@ def predict(
             def show(i: int, top: list[tuple[str, float]]) -> None:
                 out.print(f"  frame {i + 1:4d}: {top[0][0]} ({100 * top[0][1]:.1f}%)", markup=False)
 
-            predict_online(checkpoint, video, classes_file=classes_file, on_frame=show)
+            predict_online(
+                checkpoint, video, classes_file=classes_file, scale_size=scale_size, crop_size=crop_size, on_frame=show
+            )
         return
-    for p in predict_videos(checkpoint, list(videos), classes_file=classes_file, crops=int(crops), clips=int(clips)):
+    predictions = predict_videos(
+        checkpoint,
+        list(videos),
+        classes_file=classes_file,
+        crops=int(crops),
+        clips=int(clips),
+        scale_size=scale_size,
+        crop_size=crop_size,
+    )
+    for p in predictions:
         out.print(f"{p.video}:", markup=False)
         for rank, (name, prob) in enumerate(p.top5, 1):
             out.print(f"  {rank}. {name}  {100 * prob:.1f}%", markup=False)

@@ -22,7 +22,7 @@ from typing import Any, BinaryIO
 from ssv2prep.annotations import VideoRecord
 from ssv2prep.errors import ConfigError, SampleError, ShardError
 from ssv2prep.fsutil import make_temp
-from ssv2prep.prep.decode import count_video_frames, decode_video
+from ssv2prep.prep.decode import JPEG_ENCODERS, count_video_frames, decode_video
 from ssv2prep.prep.plan import ShardSpec
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class WriterSettings:
     quality: int = 90
     short_side: int | None = None
     decoder: str = "pyav"
+    encoder: str = "ffmpeg"
 
     def validate(self) -> None:
         """Raise ConfigError on a bad value."""
@@ -55,6 +56,8 @@ class WriterSettings:
             raise ConfigError(f"--format must be one of {list(FORMATS)} (got {self.format!r})")
         if not 1 <= self.quality <= 95:
             raise ConfigError(f"--quality must be in 1..95 (got {self.quality})")
+        if self.encoder not in JPEG_ENCODERS:
+            raise ConfigError(f"--jpeg-encoder must be one of {list(JPEG_ENCODERS)} (got {self.encoder!r})")
         if self.short_side is not None and self.short_side < 8:
             raise ConfigError(f"--short-side must be >= 8 pixels (got {self.short_side})")
 
@@ -166,7 +169,11 @@ def _encode_sample(record: VideoRecord, video: Path, settings: WriterSettings) -
     key = record.video_id
     if settings.format == "frames":
         decoded = decode_video(
-            video, decoder=settings.decoder, quality=settings.quality, short_side=settings.short_side
+            video,
+            decoder=settings.decoder,
+            quality=settings.quality,
+            short_side=settings.short_side,
+            encoder=settings.encoder,
         )
         meta = {"num_frames": decoded.num_frames, "fps": decoded.fps, "width": decoded.width, "height": decoded.height}
         payload = [(f"{key}.{i:06d}.jpg", jpg) for i, jpg in enumerate(decoded.jpegs)]

@@ -79,12 +79,15 @@ def predict_videos(
     classes_file: Path | None = None,
     crops: int = 1,
     clips: int = 1,
-    scale_size: int = 256,
-    crop_size: int = 224,
+    scale_size: int | None = None,
+    crop_size: int | None = None,
 ) -> list[Prediction]:
-    """Top-5 classes of each video under the eval protocol (on the CPU)."""
+    """Top-5 classes of each video under the eval protocol (on the CPU), at the sizes the checkpoint was trained
+    with unless `scale_size` / `crop_size` are given (as `eval`)."""
     model, cfg, classes = load_for_eval(checkpoint, None)
     names = _class_names(classes, classes_file, cfg.num_classes)
+    trained_crop, trained_scale = trained_sizes(checkpoint)
+    crop_size, scale_size = crop_size or trained_crop, scale_size or trained_scale
     results = []
     for video in videos:
         logits = _offline_logits(
@@ -114,8 +117,8 @@ def predict_online(
     video: Path,
     *,
     classes_file: Path | None = None,
-    scale_size: int = 256,
-    crop_size: int = 224,
+    scale_size: int | None = None,
+    crop_size: int | None = None,
     on_frame: Callable[[int, list[tuple[str, float]]], None] | None = None,
 ) -> list[list[tuple[str, float]]]:
     """Run a unidirectional model frame by frame; return (and report) the running top-5 after every frame."""
@@ -123,7 +126,8 @@ def predict_online(
 
     model, cfg, classes = load_for_eval(checkpoint, None)
     names = _class_names(classes, classes_file, cfg.num_classes)
-    crop_size, scale_size = trained_sizes(checkpoint)
+    trained_crop, trained_scale = trained_sizes(checkpoint)
+    crop_size, scale_size = crop_size or trained_crop, scale_size or trained_scale
     online = OnlineTSM(model)
     views = eval_views(_frames_tensor(video), crops=1, crop_size=crop_size, scale_size=scale_size)[0]
     frames = normalize_clips(views, torch.device("cpu"))  # (N, 3, S, S)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from ssv2prep.annotations import load_annotations
 from ssv2prep.errors import AnnotationError, ConfigError
-from ssv2prep.prep.decode import decode_video
+from ssv2prep.prep.decode import decode_video, ffmpeg_binary, ffmpeg_qscale
 from ssv2prep.prep.prepare import WORK_DIR, TooManyFailuresError, shard_dataset
 from ssv2prep.prep.shard import WriterSettings
 
@@ -300,7 +300,49 @@ def test_short_side_scales_frames(synth_tiny, tmp_path: Path) -> None:
         splits=("validation",),
         writer=WriterSettings(short_side=32),
     )
-    assert read_json(out / "ssv2-validation.json")["short_side"] == 32
+    index = read_json(out / "ssv2-validation.json")
+    assert index["short_side"] == 32 and index["settings"]["encoder"] == "ffmpeg"
     for s in wds.WebDataset([str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False):
         meta = json.loads(s["json"])
         assert meta["height"] == 32 and Image.open(io.BytesIO(s["000000.jpg"])).size == (meta["width"], 32)
+
+
+@pytest.mark.parametrize("encoder", ["ffmpeg", "pillow"])
+def test_scaled_frames_match_a_one_pass_rgb_scale(synth_tiny, encoder: str) -> None:
+    """Both encoders scale the YUV planes: the frames must equal a one-pass RGB scale up to resampling and JPEG
+    noise, and the ffmpeg binary decoder must give the very same bytes (everything after decoding is shared)."""
+    video = sorted(synth_tiny.videos_dir.glob("*.webm"))[0]
+    ours = decode_video(video, short_side=56, quality=95, encoder=encoder)
+    binary = decode_video(video, short_side=56, quality=95, encoder=encoder, decoder="ffmpeg")
+    assert ours.jpegs == binary.jpegs
+    with av.open(str(video)) as container:
+        reference = []
+        for frame in container.decode(video=0):
+            width = round(frame.width * 56 / frame.height)
+            reference.append(frame.reformat(width=width, height=56, format="rgb24").to_ndarray().astype(np.int16))
+    assert ours.num_frames == len(reference)
+    assert (ours.height, ours.width) == reference[0].shape[:2]
+    for jpg, ref in zip(ours.jpegs, reference, strict=True):
+        got = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"), np.int16)
+        assert got.shape == ref.shape and np.abs(got - ref).mean() < 3.0
+
+
+def test_quality_maps_to_the_ffmpeg_quantizer() -> None:
+    assert [ffmpeg_qscale(q) for q in (95, 90, 85, 75, 50)] == [1, 2, 4, 6, 12]
+    scales = [ffmpeg_qscale(q) for q in range(1, 96)]
+    assert scales == sorted(scales, reverse=True) and min(scales) >= 1 and max(scales) <= 31
+
+
+def test_ffmpeg_encoder_quantizes_as_the_official_recipe(synth_tiny, tmp_path: Path) -> None:
+    """--quality 90 with the ffmpeg encoder writes the quantization tables of `ffmpeg -q:v 0` (the official
+    extraction); the pillow encoder writes libjpeg's tables at exactly --quality."""
+    video = sorted(synth_tiny.videos_dir.glob("*.webm"))[0]
+    cmd = [ffmpeg_binary(), "-nostdin", "-loglevel", "error", "-i", str(video), "-q:v", "0"]
+    subprocess.run([*cmd, "-frames:v", "1", str(tmp_path / "official.jpg")], check=True)
+    official = Image.open(tmp_path / "official.jpg")
+    ours = Image.open(io.BytesIO(decode_video(video, quality=90).jpegs[0]))
+    assert ours.quantization == official.quantization and ours.size == official.size
+    pillow = Image.open(io.BytesIO(decode_video(video, quality=80, encoder="pillow").jpegs[0]))
+    buf = io.BytesIO()
+    ours.convert("RGB").save(buf, format="JPEG", quality=80, subsampling=2)
+    assert pillow.quantization == Image.open(buf).quantization != ours.quantization
