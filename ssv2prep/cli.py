@@ -451,7 +451,7 @@ def _emit_json(path: Path | None, result: dict[str, Any]) -> None:
     help="Folder of webm files (default: synthesize a set).",
 )
 @click.option(
-    "--num-videos", type=int, default=200, show_default=True, help="Videos to use (enough to amortize pool start-up)."
+    "--num-videos", type=int, default=300, show_default=True, help="Videos to use (enough to amortize pool start-up)."
 )
 @click.option("--workers", "workers_list", default="1,2", show_default=True, help="Worker counts to compare.")
 @click.option("--height", type=int, default=240, show_default=True, help="Height of synthesized videos.")
@@ -490,7 +490,7 @@ def bench_shard(
 
     \b
     Example:
-      ssv2prep bench shard --num-videos 200 --workers 1,2 --json bench-shard.json
+      ssv2prep bench shard --num-videos 300 --workers 1,2 --json bench-shard.json
     """
     from ssv2prep.bench.shard import ShardBenchConfig, format_shard_bench, run_shard_bench
 

@@ -148,3 +148,29 @@ def test_a_killed_stage_resumes_and_ends_byte_identical(tmp_path: Path) -> None:
         check=True,
     )
     assert folder_bytes(tmp_path / "work/shards") == folder_bytes(reference)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parent.parent / "pipelines").glob("*.toml")), ids=lambda p: p.name
+)
+def test_shipped_pipelines_parse_with_the_real_commands(path: Path, tmp_path: Path, monkeypatch) -> None:
+    """Every option of every stage of every shipped pipeline is a real flag of its command, with a value click
+    accepts (run from an empty folder where the paths the stages name are created first)."""
+    pipeline = load_pipeline(path.resolve())
+    monkeypatch.chdir(tmp_path)
+    assert pipeline.stages
+    for stage in pipeline.stages:
+        args = [*stage.args, *options_to_args(stage.options)]
+        for value in args:
+            if "/" in value and not value.startswith(("http", "-")):
+                target = tmp_path / value
+                if target.suffix in (".json", ".pt", ".pth"):
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.touch()
+                else:
+                    target.mkdir(parents=True, exist_ok=True)
+        ctx = main.commands[stage.command].make_context(stage.command, args)
+        assert ctx.params
+    if pipeline.variants:
+        trains = [s for s in pipeline.stages if s.command == "train"]
+        assert sorted(s.variant for s in trains) == sorted(pipeline.variants)

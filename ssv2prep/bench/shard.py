@@ -49,7 +49,7 @@ class ShardBenchConfig:
     """Options of `bench shard`."""
 
     videos_dir: Path | None = None  # None: synthesize `num_videos` videos of `height` px
-    num_videos: int = 200
+    num_videos: int = 300
     height: int = 240
     workers: tuple[int, ...] = (1, 2)
     short_side: int = 256
@@ -124,7 +124,7 @@ def _run_ours(videos_dir: Path, labels: Path, out: Path, workers: int, n: int, c
         out_dir=out,
         splits=("train",),
         workers=workers,
-        videos_per_shard=max(1, n // (4 * workers)),
+        videos_per_shard=max(1, n // (8 * workers)),  # several shards per worker: a short tail
         writer=writer,
         max_failed_fraction=1.0,
     )
