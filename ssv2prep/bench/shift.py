@@ -6,6 +6,12 @@ shift (`temporal_shift`) and with the official zeros-then-copy shift (`temporal_
 of a placement share one model (same weights); the shift settings are switched between calls. Repetitions are
 interleaved round-robin across variants so machine noise hits all of them alike, and medians are reported.
 It also times the bare shift op on a ResNet-50 layer1-sized tensor, forward and forward+backward.
+
+Whole-network medians scatter by several percent on a shared CPU, more than the shift costs, so every model call
+also measures the time spent inside the shifts themselves: a forward pre-hook on each shift module and one on the
+module it wraps bracket exactly the shift (the wrapped module starts when the shift has returned). `shift_ms` is
+the median of that sum per call; `shift_overhead` = shift_ms / the no-shift median is the overhead estimate that
+does not depend on subtracting two noisy totals.
 """
 
 from __future__ import annotations
@@ -89,23 +95,66 @@ def _round_robin(
     warmup: int,
     device: torch.device,
     on_progress: ProgressFn | None,
-) -> list[float]:
-    """Median seconds of each call, timing the calls in turn `warmup + repeats` times (warm-up rounds discarded)."""
+    inner: Callable[[], float] | None = None,
+) -> list[float] | tuple[list[float], list[float]]:
+    """Median seconds of each call, timing the calls in turn `warmup + repeats` times (warm-up rounds discarded).
+
+    With `inner` (read after each call: seconds measured inside it, then reset) also return its medians."""
     times: list[list[float]] = [[] for _ in calls]
+    inside: list[list[float]] = [[] for _ in calls]
     rounds = warmup + repeats
     for rnd in range(rounds):
         for i, (prepare, call) in enumerate(calls):
             if prepare is not None:
                 prepare()
             _sync(device)
+            if inner is not None:
+                inner()
             start = time.perf_counter()
             call()
             _sync(device)
+            elapsed = time.perf_counter() - start
             if rnd >= warmup:
-                times[i].append(time.perf_counter() - start)
+                times[i].append(elapsed)
+                if inner is not None:
+                    inside[i].append(inner())
         if on_progress is not None:
             on_progress(rnd + 1, rounds)
-    return [statistics.median(t) for t in times]
+    medians = [statistics.median(t) for t in times]
+    return (medians, [statistics.median(t) for t in inside]) if inner is not None else medians
+
+
+class _ShiftTimer:
+    """Sums the wall time spent inside the shift of every `TemporalShift` of some models (CPU: exact; CUDA: with
+    a synchronisation at each bracket, so only meaningful for relative numbers)."""
+
+    def __init__(self, models: Sequence[torch.nn.Module], device: torch.device) -> None:
+        self.total = 0.0
+        self._start = 0.0
+        self._device = device
+        self._handles = []
+        for model in models:
+            for module in shift_modules(model):
+                self._handles.append(module.register_forward_pre_hook(self._enter))
+                self._handles.append(module.net.register_forward_pre_hook(self._leave))
+
+    def _enter(self, *_: object) -> None:
+        _sync(self._device)
+        self._start = time.perf_counter()
+
+    def _leave(self, *_: object) -> None:
+        _sync(self._device)
+        self.total += time.perf_counter() - self._start
+
+    def read_and_reset(self) -> float:
+        """Seconds measured since the last call."""
+        total, self.total = self.total, 0.0
+        return total
+
+    def remove(self) -> None:
+        """Detach the hooks."""
+        for handle in self._handles:
+            handle.remove()
 
 
 def _model_rows(
@@ -123,7 +172,11 @@ def _model_rows(
 
         return (lambda: _configure(model, variant)), call
 
-    medians = _round_robin([timed(v) for v in variants], **timing)
+    timer = _ShiftTimer(list(models.values()), timing["device"])
+    try:
+        medians, inside = _round_robin([timed(v) for v in variants], **timing, inner=timer.read_and_reset)
+    finally:
+        timer.remove()
     rows = [
         {
             "backbone": backbone,
@@ -134,11 +187,23 @@ def _model_rows(
             "impl": v.impl,
             "median_ms": m * 1e3,
             "ms_per_clip": m * 1e3 / batch_size,
+            "shift_ms": s * 1e3,
         }
-        for v, m in zip(variants, medians, strict=True)
+        for v, m, s in zip(variants, medians, inside, strict=True)
     ]
-    _add_ratios(rows, baseline_ms=rows[0]["median_ms"], key_fields=("shift_div", "shift_mode", "shift_place"))
+    baseline = rows[0]["median_ms"]
+    _add_ratios(rows, baseline_ms=baseline, key_fields=("shift_div", "shift_mode", "shift_place"))
+    official_shift = {_key(r): r["shift_ms"] for r in rows if r["impl"] == OFFICIAL}
+    for row in rows:
+        row["shift_overhead"] = row["shift_ms"] / baseline
+        row["shift_ours_over_official"] = (
+            row["shift_ms"] / official_shift[_key(row)] if row["impl"] == OURS and official_shift[_key(row)] else None
+        )
     return rows
+
+
+def _key(row: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(str(row[f]) for f in ("shift_div", "shift_mode", "shift_place"))
 
 
 def _add_ratios(rows: list[dict[str, Any]], *, baseline_ms: float | None, key_fields: tuple[str, ...]) -> None:
@@ -263,14 +328,16 @@ def _shift_label(row: dict[str, Any]) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """Markdown tables of a `run_shift_bench` result: model latency rows, then the bare shift op rows."""
     lines = [
-        "| backbone | batch | shift | mode | place | impl | median ms | ms/clip | vs no shift | ours/official |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| backbone | batch | shift | mode | place | impl | median ms | ms/clip | vs no shift | ours/official "
+        "| shift ms inside | shift overhead | shift ours/official |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['backbone']} | {r['batch_size']} | {_shift_label(r)} | {r['shift_mode'] or ''} | "
             f"{r['shift_place'] or ''} | {r['impl'] or ''} | {r['median_ms']:.2f} | {r['ms_per_clip']:.2f} | "
-            f"{_fmt(r['overhead_vs_no_shift'], '.3f')} | {_fmt(r['ours_over_official'], '.3f')} |"
+            f"{_fmt(r['overhead_vs_no_shift'], '.3f')} | {_fmt(r['ours_over_official'], '.3f')} | "
+            f"{r['shift_ms']:.2f} | {100 * r['shift_overhead']:.2f}% | {_fmt(r['shift_ours_over_official'], '.3f')} |"
         )
     lines += ["", "| shift op shape | pass | mode | impl | median ms | ours/official |", "|---|---|---|---|---|---|"]
     for r in result["op_rows"]:

@@ -174,6 +174,9 @@ def test_shift_bench_structure_and_ratios():
             assert r["ours_over_official"] == pytest.approx(r["median_ms"] / official[key])
         else:
             assert r["ours_over_official"] is None
+        # time inside the shifts: none without a shift, a positive part of the whole call otherwise
+        assert (r["shift_ms"] == 0) == (r["shift_div"] == 0)
+        assert r["shift_ms"] < r["median_ms"] and r["shift_overhead"] == pytest.approx(r["shift_ms"] / base)
     ops = result["op_rows"]
     assert len(ops) == 2 * 2 * 2 and all(r["shape"] == [4, 256, 16, 16] for r in ops)
     for r in ops:
