@@ -117,7 +117,7 @@ def synth(out_dir: Path, **opts: Any) -> None:
     """
     from ssv2prep.prep.synth import SynthConfig, synthesize
 
-    given = {k: v for k, v in opts.items() if v not in (None, False)}
+    given = {k: v for k, v in opts.items() if v is not None and v is not False}  # 0 is a value, not 'unset'
     cfg = SynthConfig(**given)
     cfg.validate()
     with _progress() as progress:

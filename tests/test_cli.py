@@ -159,3 +159,31 @@ def test_download_403_explains_the_licence_and_hides_secrets(tmp_path: Path) -> 
         )
     assert_one_line_error(code, stderr, "a.bin", "licen")
     assert "s3cr3t" not in stderr
+
+
+def test_synth_zero_videos_for_a_split_means_zero(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "synth",
+            str(tmp_path / "s"),
+            "--pairs",
+            "1",
+            "--train-per-class",
+            "1",
+            "--validation-per-class",
+            "0",
+            "--test-per-class",
+            "0",
+            "--height",
+            "32",
+            "--min-frames",
+            "4",
+            "--max-frames",
+            "4",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "train 2, validation 0, test 0" in result.output
+    assert json.loads((tmp_path / "s/labels/validation.json").read_text()) == []
+    assert len(list((tmp_path / "s/20bn-something-something-v2").glob("*.webm"))) == 2
