@@ -103,6 +103,11 @@ def write_report(pipeline: Pipeline, results: list[VariantResult], wall_s: float
         + ("targets met" if tsm >= TARGET_TSM_MIN and tsn <= TARGET_TSN_MAX else "targets NOT met")
     )
     timings = markdown_table(["stage", "seconds"], [[k, f"{s:.1f}"] for k, s in _stage_seconds(pipeline)])
+    overlap = (
+        f"The variants' stages ran {pipeline.parallel} at a time (one core each), so their times overlap.\n\n"
+        if pipeline.parallel > 1
+        else ""
+    )
     rel = run_dir.relative_to(pipeline.work_dir)
     plots = "\n".join(
         f"![{name} {kind}]({rel}/{name}/{kind}.png)" for name in pipeline.variants for kind in ("loss", "accuracy")
@@ -111,7 +116,7 @@ def write_report(pipeline: Pipeline, results: list[VariantResult], wall_s: float
         f"# ssv2prep demo\n\nThe main job on synthetic SSv2 (mirror-pair classes that only frame order tells "
         f"apart), end to end: synth, loopback HTTP download, extract, shard, verify, train, evaluate.\n\n"
         f"{table}\n\n{verdict}\n\nTotal wall time: {wall_s:.0f} s.\n\n![comparison]({rel}/comparison.png)\n\n"
-        f"{plots}\n\n## Stage timings\n\n{timings}\n"
+        f"{plots}\n\n## Stage timings\n\n{overlap}{timings}\n"
     )
     path = pipeline.work_dir / "report.md"
     atomic_write_text(path, text)

@@ -174,3 +174,39 @@ def test_shipped_pipelines_parse_with_the_real_commands(path: Path, tmp_path: Pa
     if pipeline.variants:
         trains = [s for s in pipeline.stages if s.command == "train"]
         assert sorted(s.variant for s in trains) == sorted(pipeline.variants)
+
+
+def test_parallel_sweep_runs_variant_chains_side_by_side(tmp_path: Path) -> None:
+    path = write_pipeline(tmp_path)
+    text = path.read_text().replace(
+        "[stages.verify]",
+        '[stages.verify-again]\ncommand = "verify"\nargs = ["{work}/shards"]\n\n[stages.verify]'.format(
+            work=tmp_path / "work"
+        ),
+    )
+    text += '\n[sweep]\nstages = ["verify", "verify-again"]\nparallel = 2\nvariants = [{name = "a"}, {name = "b"}]\n'
+    path.write_text(text)
+    pipeline = load_pipeline(path)
+    assert pipeline.parallel == 2
+    results = run_pipeline(pipeline)
+    keys = [s.key for s, what in results if what == "ran"]
+    assert keys == ["synth", "shard", "verify-again@a", "verify@a", "verify-again@b", "verify@b"]
+    folder = tmp_path / "work" / ".pipeline" / "tiny"
+    rec = {k: json.loads((folder / f"{k}.json").read_text()) for k in keys}
+    # each chain in order, the two chains at the same time
+    for v in ("a", "b"):
+        assert rec[f"verify-again@{v}"]["end_unix"] <= rec[f"verify@{v}"]["start_unix"]
+    a, b = rec["verify-again@a"], rec["verify-again@b"]
+    assert a["start_unix"] < b["end_unix"] and b["start_unix"] < a["end_unix"]
+    # the output of parallel stages goes to their log files, the others' to the terminal
+    for k in keys[2:]:
+        assert "verify: OK: 20 shards, 20 samples" in (folder / f"{k}.log").read_text()
+    assert not (folder / "shard.log").exists()
+    assert [what for _, what in run_pipeline(pipeline)] == ["skipped"] * 6
+
+
+def test_parallel_must_be_a_positive_integer(tmp_path: Path) -> None:
+    path = write_pipeline(tmp_path)
+    path.write_text(path.read_text() + '\n[sweep]\nstages = ["verify"]\nparallel = 0\nvariants = [{name = "a"}]\n')
+    with pytest.raises(ConfigError, match="parallel"):
+        load_pipeline(path)
