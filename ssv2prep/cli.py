@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from rich.console import Console
@@ -260,6 +260,16 @@ def _print_summaries(summaries: dict[str, Any], out_dir: Path) -> None:
     out.print(table)
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _jpeg_encoder_option(help_text: str) -> Callable[[F], F]:
+    """The `--jpeg-encoder ffmpeg|pillow` option (shard and bench shard)."""
+    return click.option(
+        "--jpeg-encoder", type=click.Choice(["ffmpeg", "pillow"]), default="ffmpeg", show_default=True, help=help_text
+    )
+
+
 @main.command()
 @click.option(
     "--videos",
@@ -293,13 +303,9 @@ def _print_summaries(summaries: dict[str, Any], out_dir: Path) -> None:
 @click.option("--videos-per-shard", type=int, default=500, show_default=True)
 @click.option("--workers", type=int, default=0, show_default=True, help="Decoding processes (0 = one per core).")
 @click.option("--quality", type=int, default=90, show_default=True, help="JPEG quality on libjpeg's 1..95 scale.")
-@click.option(
-    "--jpeg-encoder",
-    type=click.Choice(["ffmpeg", "pillow"]),
-    default="ffmpeg",
-    show_default=True,
-    help="ffmpeg: FFmpeg's mjpeg from the YUV planes, --quality mapped to its quantizer (90 -> q:v 2, as the "
-    "official recipe); pillow: libjpeg at exactly --quality (slower).",
+@_jpeg_encoder_option(
+    "ffmpeg: FFmpeg's mjpeg from the YUV planes, --quality mapped to its quantizer (90 -> q:v 2, as the official "
+    "recipe); pillow: libjpeg at exactly --quality (slower)."
 )
 @click.option("--short-side", type=int, default=None, help="Scale frames so the short side has S pixels.")
 @click.option(
@@ -455,13 +461,7 @@ def _emit_json(path: Path | None, result: dict[str, Any]) -> None:
 )
 @click.option("--workers", "workers_list", default="1,2", show_default=True, help="Worker counts to compare.")
 @click.option("--height", type=int, default=240, show_default=True, help="Height of synthesized videos.")
-@click.option(
-    "--jpeg-encoder",
-    type=click.Choice(["ffmpeg", "pillow"]),
-    default="ffmpeg",
-    show_default=True,
-    help="The JPEG encoder of `shard` and the bound.",
-)
+@_jpeg_encoder_option("The JPEG encoder of `shard` and the bound.")
 @click.option("--repeats", type=int, default=2, show_default=True, help="Interleaved runs; the best is reported.")
 @click.option(
     "--work-dir",
