@@ -9,6 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures import TINY, make_shards, make_synth
 
+from ssv2prep.prep.shard import WriterSettings
+
 
 @pytest.fixture(scope="session")
 def synth_tiny(tmp_path_factory: pytest.TempPathFactory):
@@ -20,3 +22,15 @@ def synth_tiny(tmp_path_factory: pytest.TempPathFactory):
 def tiny_shards(synth_tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shards (train/validation/test) of `synth_tiny`, 3 videos per shard. Read-only."""
     return make_shards(synth_tiny.videos_dir, synth_tiny.labels_dir, tmp_path_factory.mktemp("shards-tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_video_shards(synth_tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Validation shards of `synth_tiny` in `--format video` (the webm bytes), 3 videos per shard. Read-only."""
+    return make_shards(
+        synth_tiny.videos_dir,
+        synth_tiny.labels_dir,
+        tmp_path_factory.mktemp("shards-tiny-video"),
+        splits=("validation",),
+        writer=WriterSettings(format="video"),
+    )

@@ -265,14 +265,8 @@ def test_holdout_is_stratified_and_disjoint(synth_tiny, tmp_path: Path) -> None:
     assert per_class == {c: 1 for c in range(4)}  # round(0.34 * 3) = 1 of each class's 3 videos
 
 
-def test_video_format_keeps_the_original_bytes(synth_tiny, tmp_path: Path) -> None:
-    out = make_shards(
-        synth_tiny.videos_dir,
-        synth_tiny.labels_dir,
-        tmp_path / "v",
-        splits=("validation",),
-        writer=WriterSettings(format="video"),
-    )
+def test_video_format_keeps_the_original_bytes(synth_tiny, tiny_video_shards: Path) -> None:
+    out = tiny_video_shards
     index = read_json(out / "ssv2-validation.json")
     assert index["format"] == "video" and index["jpeg_quality"] is None
     for s in wds.WebDataset([str(out / e["url"]) for e in index["shardlist"]], shardshuffle=False):

@@ -15,12 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from fixtures import make_shards
 
 from ssv2prep.cli import main
 from ssv2prep.data.loader import DataConfig
 from ssv2prep.models.tsm import ModelConfig
-from ssv2prep.prep.shard import WriterSettings
 from ssv2prep.train.config import OptimConfig, RuntimeConfig, TrainConfig
 from ssv2prep.train.evaluation import EvalConfig, evaluate_checkpoint
 from ssv2prep.train.loop import NonFiniteLossError
@@ -210,15 +208,11 @@ def test_official_export_evaluates_to_the_same_numbers(trained: Path, tiny_shard
     np.testing.assert_array_equal(np.load(tmp_path / "a/confusion.npy"), np.load(tmp_path / "b/confusion.npy"))
 
 
-def test_predict_agrees_with_eval_on_a_video(trained: Path, synth_tiny, tmp_path: Path) -> None:
+def test_predict_agrees_with_eval_on_a_video(
+    trained: Path, synth_tiny, tiny_video_shards: Path, tmp_path: Path
+) -> None:
     """`predict` on a webm sees the pixels `eval` sees in video-format shards of it, so the rankings agree."""
-    shards = make_shards(
-        synth_tiny.videos_dir,
-        synth_tiny.labels_dir,
-        tmp_path / "video-shards",
-        splits=("validation",),
-        writer=WriterSettings(format="video"),
-    )
+    shards = tiny_video_shards
     evaluate_checkpoint(
         EvalConfig(
             checkpoint=trained / "last.pt",
