@@ -333,7 +333,9 @@ def run_pipeline(
     forced = force if force is not None else (from_stage is not None or only is not None)
     selected = select_stages(pipeline, from_stage=from_stage, only=only)
     outcome: dict[str, str] = {}
-    threads = max(1, _cores() // pipeline.parallel) if pipeline.parallel > 1 else None
+    from ssv2prep.prep.decode import cpu_count
+
+    threads = max(1, cpu_count() // pipeline.parallel) if pipeline.parallel > 1 else None
 
     def run_chain(chain: list[Stage], threads: int | None) -> None:
         for stage in chain:
@@ -356,10 +358,3 @@ def run_pipeline(
         if errors:
             raise errors[0]  # type: ignore[misc]
     return [(stage, outcome[stage.key]) for stage in selected if stage.key in outcome]
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1

@@ -124,13 +124,15 @@ class _MjpegEncoder:
     """FFmpeg's mjpeg encoder fed with full-range YUV 4:2:0 frames; one codec context per frame size."""
 
     def __init__(self, quality: int) -> None:
+        import av
+
+        self._av = av
         self.qscale = ffmpeg_qscale(quality)
         self._ctx: Any = None
         self._next_pts = 0
 
     def _context(self, width: int, height: int) -> Any:
-        import av
-
+        av = self._av
         if self._ctx is None or (self._ctx.width, self._ctx.height) != (width, height):
             ctx = av.CodecContext.create("mjpeg", "w")
             ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuvj420p"
@@ -143,14 +145,12 @@ class _MjpegEncoder:
         return self._ctx
 
     def __call__(self, frame: Any) -> bytes:
-        import av
-
         ctx = self._context(frame.width, frame.height)
         frame.pts, frame.time_base = self._next_pts, ctx.time_base  # the encoder wants increasing timestamps
         self._next_pts += 1
         try:
             packets = ctx.encode(frame)  # mjpeg is intra-only without delay: one packet per frame
-        except av.FFmpegError as exc:
+        except self._av.FFmpegError as exc:
             raise DecodeError(f"JPEG encoding failed: {_one_line(exc)}", reason="encode_failed") from exc
         if len(packets) != 1:
             raise DecodeError(f"mjpeg encoder returned {len(packets)} packets for one frame", reason="encode_failed")

@@ -69,13 +69,16 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load one of our checkpoints on the CPU (weights only: no code runs from the file)."""
+def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
+    """Load one of our checkpoints on the CPU (weights only: no code runs from the file).
+
+    `mmap=True` maps the file instead of reading it: tensors are read only when touched, so looking at the
+    metadata (format, config) of a large checkpoint costs almost nothing."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: checkpoint not found")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"{p}: not a readable checkpoint ({' '.join(str(exc).split())[:200]})") from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
@@ -86,7 +89,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def is_ours(path: str | Path) -> bool:
     """True when `path` loads as one of our checkpoints (False for official files and others)."""
     try:
-        load_checkpoint(path)
+        load_checkpoint(path, mmap=True)
     except CheckpointError:
         return False
     return True

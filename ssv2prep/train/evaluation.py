@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ssv2prep.errors import ConfigError
+from ssv2prep.errors import CheckpointError, ConfigError
 from ssv2prep.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ssv2prep.train.dist import DistInfo, init_distributed, teardown
 from ssv2prep.train.loop import StepContext, evaluate
@@ -82,24 +82,29 @@ def load_for_eval(path: Path, segments: int | None) -> tuple[nn.Module, Any, lis
     return model.eval(), cfg, list(ckpt["classes"])
 
 
-def trained_sizes(path: Path) -> tuple[int, int]:
-    """(crop_size, scale_size) a checkpoint was trained with; the official 224 / 256 for official files."""
-    from ssv2prep.train.checkpoint import is_ours, load_checkpoint
+def trained_sizes(path: Path, crop_size: int | None = None, scale_size: int | None = None) -> tuple[int, int]:
+    """(crop_size, scale_size) for evaluating a checkpoint: the given ones, else those it was trained with (the
+    official 224 / 256 for official files). Reads only the checkpoint's metadata."""
+    from ssv2prep.train.checkpoint import load_checkpoint
 
-    if is_ours(path):
-        data = load_checkpoint(path)["config"]["data"]
-        return int(data["crop_size"]), int(data["scale_size"])
-    return 224, 256
+    if crop_size and scale_size:
+        return crop_size, scale_size
+    try:
+        data = load_checkpoint(path, mmap=True)["config"]["data"]
+        trained = int(data["crop_size"]), int(data["scale_size"])
+    except CheckpointError:
+        trained = 224, 256
+    return crop_size or trained[0], scale_size or trained[1]
 
 
 def _data_config(cfg: EvalConfig, model_cfg: Any) -> Any:
     from ssv2prep.data.loader import DataConfig
 
-    crop, scale = trained_sizes(cfg.checkpoint)
+    crop, scale = trained_sizes(cfg.checkpoint, cfg.crop_size, cfg.scale_size)
     return DataConfig(
         num_segments=model_cfg.num_segments,
-        crop_size=cfg.crop_size or crop,
-        scale_size=cfg.scale_size or scale,
+        crop_size=crop,
+        scale_size=scale,
         dense=cfg.dense,
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,

@@ -86,8 +86,7 @@ def predict_videos(
     with unless `scale_size` / `crop_size` are given (as `eval`)."""
     model, cfg, classes = load_for_eval(checkpoint, None)
     names = _class_names(classes, classes_file, cfg.num_classes)
-    trained_crop, trained_scale = trained_sizes(checkpoint)
-    crop_size, scale_size = crop_size or trained_crop, scale_size or trained_scale
+    crop_size, scale_size = trained_sizes(checkpoint, crop_size, scale_size)
     results = []
     for video in videos:
         logits = _offline_logits(
@@ -126,8 +125,7 @@ def predict_online(
 
     model, cfg, classes = load_for_eval(checkpoint, None)
     names = _class_names(classes, classes_file, cfg.num_classes)
-    trained_crop, trained_scale = trained_sizes(checkpoint)
-    crop_size, scale_size = crop_size or trained_crop, scale_size or trained_scale
+    crop_size, scale_size = trained_sizes(checkpoint, crop_size, scale_size)
     online = OnlineTSM(model)
     views = eval_views(_frames_tensor(video), crops=1, crop_size=crop_size, scale_size=scale_size)[0]
     frames = normalize_clips(views, torch.device("cpu"))  # (N, 3, S, S)

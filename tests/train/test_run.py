@@ -298,3 +298,15 @@ def test_torchrun_two_processes_train_and_eval_like_one(trained: Path, tiny_shar
     assert [r["videos"] for r in evals] == [4, 4]
     config = json.loads((out / "config.json").read_text())
     assert config["base_lr"] == pytest.approx(0.01)  # --no-lr-scaling
+
+
+def test_trained_sizes_come_from_the_checkpoint_unless_given(trained: Path, tmp_path: Path) -> None:
+    from ssv2prep.train.checkpoint import is_ours
+    from ssv2prep.train.evaluation import trained_sizes
+
+    assert is_ours(trained / "last.pt")
+    assert trained_sizes(trained / "last.pt") == (32, 40)
+    assert trained_sizes(trained / "last.pt", 48, None) == (48, 40)
+    assert trained_sizes(tmp_path / "absent.pt", 64, 72) == (64, 72)  # both given: the file is not read
+    (tmp_path / "other.pt").write_bytes(b"not a checkpoint")
+    assert not is_ours(tmp_path / "other.pt") and trained_sizes(tmp_path / "other.pt") == (224, 256)
