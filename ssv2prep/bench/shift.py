@@ -7,6 +7,12 @@ of a placement share one model (same weights); the shift settings are switched b
 interleaved round-robin across variants so machine noise hits all of them alike, and medians are reported.
 It also times the bare shift op on a ResNet-50 layer1-sized tensor, forward and forward+backward.
 
+Every call also counts the process's minor page faults. With the C library's default allocator every large
+activation is a fresh `mmap`, so a forward pass spends much of its time faulting in pages, and a shift that
+allocates one more tensor pays for that tensor's pages too; `ssv2prep.malloc` explains the fix the commands use
+(`--malloc kept`). `--malloc-modes kept,system` times both allocators in one run (the one this process does not
+use in a fresh interpreter) and adds `kept_over_system` per row.
+
 Whole-network medians scatter by several percent on a shared CPU, more than the shift costs, so every model call
 also measures the time spent inside the shifts themselves: a forward pre-hook on each shift module and one on the
 module it wraps bracket exactly the shift (the wrapped module starts when the shift has returned). `shift_ms` is
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +33,9 @@ from typing import Any
 
 import torch
 
+from ssv2prep.errors import ConfigError
+from ssv2prep.malloc import KEPT, SYSTEM, configure_malloc, malloc_mode, minor_page_faults
+from ssv2prep.malloc import MODES as MALLOC_MODES
 from ssv2prep.models.shift import (
     BIDIRECTIONAL,
     SHIFT_ALL,
@@ -54,10 +64,10 @@ class _Variant:
     impl: str | None
 
 
-def _variants() -> list[_Variant]:
+def _variants(divs: Sequence[int], modes: Sequence[str], places: Sequence[str]) -> list[_Variant]:
     shifted = [
         _Variant(div, mode, place, impl)
-        for place, div, mode, impl in itertools.product(SHIFT_PLACES, SHIFT_DIVS, SHIFT_MODES_BENCHED, (OURS, OFFICIAL))
+        for place, div, mode, impl in itertools.product(places, divs, modes, (OURS, OFFICIAL))
     ]
     return [_Variant(0, None, None, None), *shifted]
 
@@ -67,10 +77,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _build_models(backbone: str, segments: int, device: torch.device) -> dict[str | None, TSM]:
+def _build_models(backbone: str, segments: int, device: torch.device, places: Sequence[str]) -> dict[str | None, TSM]:
     """One eval model per placement (plus the TSN baseline under key None), all from the same seed."""
     models: dict[str | None, TSM] = {}
-    for place in (None, *SHIFT_PLACES):
+    for place in (None, *places):
         torch.manual_seed(0)
         cfg = ModelConfig(
             backbone=backbone, num_segments=segments, shift_div=8 if place else 0, shift_place=place or "blockres"
@@ -88,6 +98,13 @@ def _configure(model: TSM, variant: _Variant) -> None:
 Timed = tuple[Callable[[], object] | None, Callable[[], object]]  # (untimed preparation, timed call)
 
 
+@dataclass(frozen=True, slots=True)
+class _Medians:
+    seconds: list[float]  # per call
+    inside: list[float]  # per call, seconds read from `inner` (zeros without it)
+    faults: list[float]  # per call, minor page faults of the process during the call
+
+
 def _round_robin(
     calls: Sequence[Timed],
     *,
@@ -96,12 +113,13 @@ def _round_robin(
     device: torch.device,
     on_progress: ProgressFn | None,
     inner: Callable[[], float] | None = None,
-) -> list[float] | tuple[list[float], list[float]]:
-    """Median seconds of each call, timing the calls in turn `warmup + repeats` times (warm-up rounds discarded).
+) -> _Medians:
+    """Medians of each call, timing the calls in turn `warmup + repeats` times (warm-up rounds discarded).
 
-    With `inner` (read after each call: seconds measured inside it, then reset) also return its medians."""
+    `inner`, when given, is read after each call (seconds measured inside it, then reset)."""
     times: list[list[float]] = [[] for _ in calls]
     inside: list[list[float]] = [[] for _ in calls]
+    faults: list[list[float]] = [[] for _ in calls]
     rounds = warmup + repeats
     for rnd in range(rounds):
         for i, (prepare, call) in enumerate(calls):
@@ -110,18 +128,18 @@ def _round_robin(
             _sync(device)
             if inner is not None:
                 inner()
+            faults_before = minor_page_faults()
             start = time.perf_counter()
             call()
             _sync(device)
             elapsed = time.perf_counter() - start
             if rnd >= warmup:
                 times[i].append(elapsed)
-                if inner is not None:
-                    inside[i].append(inner())
+                faults[i].append(minor_page_faults() - faults_before)
+                inside[i].append(inner() if inner is not None else 0.0)
         if on_progress is not None:
             on_progress(rnd + 1, rounds)
-    medians = [statistics.median(t) for t in times]
-    return (medians, [statistics.median(t) for t in inside]) if inner is not None else medians
+    return _Medians(*([statistics.median(v) for v in values] for values in (times, inside, faults)))
 
 
 class _ShiftTimer:
@@ -158,9 +176,15 @@ class _ShiftTimer:
 
 
 def _model_rows(
-    backbone: str, batch_size: int, *, segments: int, size: int, models: dict[str | None, TSM], timing: dict[str, Any]
+    backbone: str,
+    batch_size: int,
+    *,
+    segments: int,
+    size: int,
+    models: dict[str | None, TSM],
+    variants: list[_Variant],
+    timing: dict[str, Any],
 ) -> list[dict[str, Any]]:
-    variants = _variants()
     clips = torch.randn(batch_size, segments, 3, size, size, device=timing["device"])
 
     def timed(variant: _Variant) -> Timed:
@@ -174,7 +198,7 @@ def _model_rows(
 
     timer = _ShiftTimer(list(models.values()), timing["device"])
     try:
-        medians, inside = _round_robin([timed(v) for v in variants], **timing, inner=timer.read_and_reset)
+        medians = _round_robin([timed(v) for v in variants], **timing, inner=timer.read_and_reset)
     finally:
         timer.remove()
     rows = [
@@ -188,8 +212,9 @@ def _model_rows(
             "median_ms": m * 1e3,
             "ms_per_clip": m * 1e3 / batch_size,
             "shift_ms": s * 1e3,
+            "faults_per_call": f,
         }
-        for v, m, s in zip(variants, medians, inside, strict=True)
+        for v, m, s, f in zip(variants, medians.seconds, medians.inside, medians.faults, strict=True)
     ]
     baseline = rows[0]["median_ms"]
     _add_ratios(rows, baseline_ms=baseline, key_fields=("shift_div", "shift_mode", "shift_place"))
@@ -248,18 +273,72 @@ OP_PASSES: dict[str, Callable[[ShiftFn, torch.Tensor, int, str], Timed]] = {
 }
 
 
-def _op_rows(batch_size: int, *, segments: int, size: int, timing: dict[str, Any]) -> list[dict[str, Any]]:
+def _op_rows(
+    batch_size: int, *, segments: int, size: int, modes: Sequence[str], timing: dict[str, Any]
+) -> list[dict[str, Any]]:
     shape = (batch_size * segments, OP_CHANNELS, max(1, size // 4), max(1, size // 4))
     x = torch.randn(shape, device=timing["device"])
-    cases = list(itertools.product(OP_PASSES, SHIFT_MODES_BENCHED, (OURS, OFFICIAL)))
+    cases = list(itertools.product(OP_PASSES, modes, (OURS, OFFICIAL)))
     calls = [OP_PASSES[p](SHIFT_IMPLS[impl], x, segments, mode) for p, mode, impl in cases]
     medians = _round_robin(calls, **timing)
     rows = [
-        {"shape": list(shape), "pass": p, "shift_mode": mode, "impl": impl, "median_ms": m * 1e3}
-        for (p, mode, impl), m in zip(cases, medians, strict=True)
+        {"shape": list(shape), "pass": p, "shift_mode": mode, "impl": impl, "median_ms": m * 1e3, "faults_per_call": f}
+        for (p, mode, impl), m, f in zip(cases, medians.seconds, medians.faults, strict=True)
     ]
     _add_ratios(rows, baseline_ms=None, key_fields=("shape", "pass", "shift_mode"))
     return rows
+
+
+def _check_choices(name: str, values: Sequence[Any], allowed: Sequence[Any]) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise ConfigError(f"bench shift: {name} must be a non-empty subset of {list(allowed)}, got {list(values)}")
+
+
+def _bench_in_process(
+    backbones: Sequence[str],
+    batch_sizes: Sequence[int],
+    *,
+    segments: int,
+    size: int,
+    variants: list[_Variant],
+    places: Sequence[str],
+    modes: Sequence[str],
+    timing: dict[str, Any],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    rows: list[dict[str, Any]] = []
+    for backbone in backbones:
+        models = _build_models(backbone, segments, timing["device"], places)
+        for batch_size in batch_sizes:
+            log.info("timing %s, batch %d, T=%d, %dpx (malloc %s)", backbone, batch_size, segments, size, malloc_mode())
+            rows += _model_rows(
+                backbone, batch_size, segments=segments, size=size, models=models, variants=variants, timing=timing
+            )
+    op_rows = [
+        row for b in batch_sizes for row in _op_rows(b, segments=segments, size=size, modes=modes, timing=timing)
+    ]
+    for row in (*rows, *op_rows):
+        row["malloc"] = malloc_mode()
+    return rows, op_rows
+
+
+def _bench_in_child(malloc: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Entry point of a fresh interpreter (multiprocessing "spawn"): apply `malloc`, then bench in process."""
+    configure_malloc(malloc)
+    return run_shift_bench(**kwargs)
+
+
+def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    fields = ("backbone", "batch_size", "shift_div", "shift_mode", "shift_place", "impl", "shape", "pass")
+    return tuple(str(row.get(f)) for f in fields)
+
+
+def _add_malloc_ratios(rows: list[dict[str, Any]]) -> None:
+    """`kept_over_system`: a row's median / the same row's median under the system allocator (None without it)."""
+    system = {_row_key(r): r["median_ms"] for r in rows if r["malloc"] == SYSTEM}
+    for row in rows:
+        ref = system.get(_row_key(row))
+        row["kept_over_system"] = row["median_ms"] / ref if row["malloc"] == KEPT and ref else None
 
 
 def run_shift_bench(
@@ -271,6 +350,10 @@ def run_shift_bench(
     repeats: int = 10,
     warmup: int = 2,
     device: str | torch.device = "cpu",
+    shift_divs: Sequence[int] = SHIFT_DIVS,
+    shift_modes: Sequence[str] = SHIFT_MODES_BENCHED,
+    shift_places: Sequence[str] = SHIFT_PLACES,
+    malloc_modes: Sequence[str] | None = None,
     on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Time TSM forward latency per shift variant and the bare shift op (random weights; nothing downloaded).
@@ -283,32 +366,72 @@ def run_shift_bench(
         repeats: timed rounds per variant (medians are reported).
         warmup: untimed rounds before them.
         device: where to run ("cpu", "cuda", ...).
-        on_progress: called with `(rounds_done, rounds_total)` after every round of each timing group.
+        shift_divs, shift_modes, shift_places: the shifted variants to time (each also with both implementations).
+        malloc_modes: allocator modes to time (`ssv2prep.malloc.MODES`); None = this process's mode only. A mode
+            other than this process's runs in a fresh interpreter (an allocator setting cannot be undone).
+        on_progress: called with `(rounds_done, rounds_total)` after every round of each timing group (in this
+            process only).
 
     Returns:
         `{"settings": {...}, "rows": [...], "op_rows": [...]}`. A model row has backbone, batch_size, shift_div
         (0 = no shift, 1 = all channels), shift_mode, shift_place, impl ("fast" = ours, "zeros_copy" = official,
-        None for no shift), median_ms, ms_per_clip, overhead_vs_no_shift (median / the no-shift median of the same
-        backbone and batch size) and ours_over_official (our median / the official median of the same settings,
-        None on other rows). An op row has shape, pass, shift_mode, impl, median_ms and ours_over_official.
+        None for no shift), malloc, median_ms, ms_per_clip, faults_per_call (median minor page faults),
+        shift_ms (median time inside the shifts), shift_overhead (shift_ms / the no-shift median),
+        overhead_vs_no_shift (median / the no-shift median of the same backbone, batch size and malloc mode),
+        ours_over_official (our median / the official median of the same settings, None on other rows),
+        shift_ours_over_official (the same for shift_ms) and kept_over_system (median / the same row's median
+        under the system allocator, when both were timed). An op row has shape, pass, shift_mode, impl, malloc,
+        median_ms, faults_per_call, ours_over_official and kept_over_system.
+
+    Raises:
+        ConfigError: for an unknown shift option or malloc mode.
     """
-    dev = torch.device(device)
-    timing = {"repeats": repeats, "warmup": warmup, "device": dev, "on_progress": on_progress}
-    rows: list[dict[str, Any]] = []
-    for backbone in backbones:
-        models = _build_models(backbone, segments, dev)
-        for batch_size in batch_sizes:
-            log.info("timing %s, batch %d, T=%d, %dpx", backbone, batch_size, segments, size)
-            rows += _model_rows(backbone, batch_size, segments=segments, size=size, models=models, timing=timing)
-    op_rows = [row for b in batch_sizes for row in _op_rows(b, segments=segments, size=size, timing=timing)]
-    settings = {
+    _check_choices("shift_divs", shift_divs, SHIFT_DIVS)
+    _check_choices("shift_modes", shift_modes, SHIFT_MODES_BENCHED)
+    _check_choices("shift_places", shift_places, SHIFT_PLACES)
+    modes = list(malloc_modes) if malloc_modes is not None else [malloc_mode()]
+    _check_choices("malloc_modes", modes, MALLOC_MODES)
+    kwargs: dict[str, Any] = {
         "backbones": list(backbones),
         "segments": segments,
         "size": size,
         "batch_sizes": list(batch_sizes),
         "repeats": repeats,
         "warmup": warmup,
-        "device": str(dev),
+        "device": str(device),
+        "shift_divs": list(shift_divs),
+        "shift_modes": list(shift_modes),
+        "shift_places": list(shift_places),
+    }
+    dev = torch.device(device)
+    timing = {"repeats": repeats, "warmup": warmup, "device": dev, "on_progress": on_progress}
+    variants = _variants(shift_divs, shift_modes, shift_places)
+    rows: list[dict[str, Any]] = []
+    op_rows: list[dict[str, Any]] = []
+    for mode in modes:
+        if mode == malloc_mode():
+            mode_rows, mode_ops = _bench_in_process(
+                backbones,
+                batch_sizes,
+                segments=segments,
+                size=size,
+                variants=variants,
+                places=shift_places,
+                modes=shift_modes,
+                timing=timing,
+            )
+        else:
+            log.info("timing with malloc %s in a fresh interpreter", mode)
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                child = pool.apply(_bench_in_child, (mode, kwargs))
+            mode_rows, mode_ops = child["rows"], child["op_rows"]
+        rows += mode_rows
+        op_rows += mode_ops
+    _add_malloc_ratios(rows)
+    _add_malloc_ratios(op_rows)
+    settings = {
+        **kwargs,
+        "malloc_modes": modes,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
@@ -325,25 +448,35 @@ def _shift_label(row: dict[str, Any]) -> str:
     return "all" if row["shift_div"] == SHIFT_ALL else f"1/{row['shift_div']}"
 
 
+def _faults(value: float) -> str:
+    return f"{value / 1000:.1f}k" if value >= 1000 else f"{value:.0f}"
+
+
 def format_table(result: dict[str, Any]) -> str:
     """Markdown tables of a `run_shift_bench` result: model latency rows, then the bare shift op rows."""
     lines = [
-        "| backbone | batch | shift | mode | place | impl | median ms | ms/clip | vs no shift | ours/official "
-        "| shift ms inside | shift overhead | shift ours/official |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| backbone | batch | malloc | shift | mode | place | impl | median ms | ms/clip | faults/call | vs no shift "
+        "| ours/official | shift ms inside | shift overhead | shift ours/official | kept/system |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['backbone']} | {r['batch_size']} | {_shift_label(r)} | {r['shift_mode'] or ''} | "
+            f"| {r['backbone']} | {r['batch_size']} | {r['malloc']} | {_shift_label(r)} | {r['shift_mode'] or ''} | "
             f"{r['shift_place'] or ''} | {r['impl'] or ''} | {r['median_ms']:.2f} | {r['ms_per_clip']:.2f} | "
-            f"{_fmt(r['overhead_vs_no_shift'], '.3f')} | {_fmt(r['ours_over_official'], '.3f')} | "
-            f"{r['shift_ms']:.2f} | {100 * r['shift_overhead']:.2f}% | {_fmt(r['shift_ours_over_official'], '.3f')} |"
+            f"{_faults(r['faults_per_call'])} | {_fmt(r['overhead_vs_no_shift'], '.3f')} | "
+            f"{_fmt(r['ours_over_official'], '.3f')} | {r['shift_ms']:.2f} | {100 * r['shift_overhead']:.2f}% | "
+            f"{_fmt(r['shift_ours_over_official'], '.3f')} | {_fmt(r['kept_over_system'], '.3f')} |"
         )
-    lines += ["", "| shift op shape | pass | mode | impl | median ms | ours/official |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| shift op shape | malloc | pass | mode | impl | median ms | faults/call | ours/official | kept/system |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["op_rows"]:
         shape = "x".join(str(d) for d in r["shape"])
         lines.append(
-            f"| {shape} | {r['pass']} | {r['shift_mode']} | {r['impl']} | {r['median_ms']:.3f} | "
-            f"{_fmt(r['ours_over_official'], '.3f')} |"
+            f"| {shape} | {r['malloc']} | {r['pass']} | {r['shift_mode']} | {r['impl']} | {r['median_ms']:.3f} | "
+            f"{_faults(r['faults_per_call'])} | {_fmt(r['ours_over_official'], '.3f')} | "
+            f"{_fmt(r['kept_over_system'], '.3f')} |"
         )
     return "\n".join(lines) + "\n"

@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+from click.testing import CliRunner
 from torch import nn
 
 from ssv2prep.bench.shift import format_table, run_shift_bench
+from ssv2prep.cli import main
 from ssv2prep.errors import ConfigError
+from ssv2prep.malloc import malloc_mode
 from ssv2prep.models.shift import (
     SHIFT_ALL,
     SMALL_TENSOR_NUMEL,
@@ -177,6 +180,9 @@ def test_shift_bench_structure_and_ratios():
         # time inside the shifts: none without a shift, a positive part of the whole call otherwise
         assert (r["shift_ms"] == 0) == (r["shift_div"] == 0)
         assert r["shift_ms"] < r["median_ms"] and r["shift_overhead"] == pytest.approx(r["shift_ms"] / base)
+        # one allocator mode (this process's): faults counted, no cross-mode ratio
+        assert r["malloc"] == malloc_mode() and r["faults_per_call"] >= 0 and r["kept_over_system"] is None
+    assert result["settings"]["malloc_modes"] == [malloc_mode()]
     ops = result["op_rows"]
     assert len(ops) == 2 * 2 * 2 and all(r["shape"] == [4, 256, 16, 16] for r in ops)
     for r in ops:
@@ -190,5 +196,57 @@ def test_shift_bench_structure_and_ratios():
     table = format_table(result)
     lines = table.strip().splitlines()
     assert len(lines) == 2 + len(rows) + 1 + 2 + len(ops)
-    assert lines[2].startswith("| resnet18 | 1 | none (TSN) |")
+    assert lines[2].startswith(f"| resnet18 | 1 | {malloc_mode()} | none (TSN) |")
     assert sum("| all |" in line for line in lines) == 8
+
+
+def test_shift_bench_subset_and_both_allocators_in_one_run():
+    result = run_shift_bench(
+        backbones=("resnet18",),
+        segments=4,
+        size=32,
+        batch_sizes=(2,),
+        repeats=1,
+        warmup=0,
+        shift_divs=(8,),
+        shift_modes=("unidirectional",),
+        shift_places=("blockres",),
+        malloc_modes=("kept", "system"),
+    )
+    rows, ops = result["rows"], result["op_rows"]
+    # per allocator: no shift + 1/8 unidirectional blockres with both implementations; ops: 2 passes x 2 impls
+    for mode in ("kept", "system"):
+        mine = [(r["shift_div"], r["shift_mode"], r["impl"]) for r in rows if r["malloc"] == mode]
+        assert mine == [(0, None, None), (8, "unidirectional", "fast"), (8, "unidirectional", "zeros_copy")]
+        assert len([o for o in ops if o["malloc"] == mode]) == 4
+    assert len(rows) == 6 and len(ops) == 8
+    system = {(r["shift_div"], r["impl"]): r["median_ms"] for r in rows if r["malloc"] == "system"}
+    for r in rows:
+        if r["malloc"] == "kept":
+            assert r["kept_over_system"] == pytest.approx(r["median_ms"] / system[(r["shift_div"], r["impl"])])
+        else:
+            assert r["kept_over_system"] is None
+        assert r["batch_size"] == 2 and r["overhead_vs_no_shift"] > 0
+    assert result["settings"]["malloc_modes"] == ["kept", "system"]
+    assert "| kept |" in format_table(result) and "| system |" in format_table(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--shift-divs", "3"], "shift_divs must be a non-empty subset of [8, 4, 2, 1]"),
+        (["--places", "stem"], "shift_places must be"),
+        (["--malloc-modes", "tcmalloc"], "malloc_modes must be"),
+    ],
+)
+def test_shift_bench_rejects_unknown_choices_in_one_line(args, needle):
+    result = CliRunner().invoke(main, ["bench", "shift", "--backbones", "resnet18", *args])
+    assert result.exit_code == ConfigError.exit_code and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0], result.stderr
+
+
+def test_shift_bench_rejects_a_non_integer_list():
+    result = CliRunner().invoke(main, ["bench", "shift", "--batch-sizes", "1,eight"])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert "--batch-sizes" in result.stderr and "'1,eight'" in result.stderr
