@@ -1,0 +1,179 @@
+"""`ssv2prep bench ...`: ours against a baseline and a bound in one run, with ratios."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from ssv2prep.cli.app import console, emit_json, int_list, jpeg_encoder_option, main, out, progress_bars, split_list
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks: ours against a baseline and a bound, in one run, with ratios."""
+
+
+@bench.command("shard")
+@click.option(
+    "--videos",
+    "videos_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of webm files (default: synthesize a set).",
+)
+@click.option(
+    "--num-videos", type=int, default=300, show_default=True, help="Videos to use (enough to amortize pool start-up)."
+)
+@click.option("--workers", "workers_list", default="1,2", show_default=True, help="Worker counts to compare.")
+@click.option("--height", type=int, default=240, show_default=True, help="Height of synthesized videos.")
+@jpeg_encoder_option("The JPEG encoder of `shard` and the bound.")
+@click.option("--repeats", type=int, default=2, show_default=True, help="Interleaved runs; the best is reported.")
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Scratch folder (default: a temp folder, removed afterwards).",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the results as JSON.",
+)
+def bench_shard(
+    videos_dir: Path | None,
+    num_videos: int,
+    workers_list: str,
+    height: int,
+    jpeg_encoder: str,
+    repeats: int,
+    work_dir: Path | None,
+    json_path: Path | None,
+) -> None:
+    """Shard throughput against the official recipe (one ffmpeg per video into JPEG folders) and the bound.
+
+    \b
+    Example:
+      ssv2prep bench shard --num-videos 300 --workers 1,2 --json bench-shard.json
+    """
+    from ssv2prep.bench.shard import ShardBenchConfig, format_shard_bench, run_shard_bench
+
+    cfg = ShardBenchConfig(
+        videos_dir=videos_dir,
+        num_videos=num_videos,
+        height=height,
+        encoder=jpeg_encoder,
+        repeats=repeats,
+        work_dir=work_dir,
+        workers=int_list("--workers", workers_list),
+    )
+    with console.status("benchmarking shard ..."):
+        result = run_shard_bench(cfg, on_step=lambda msg: logging.getLogger("ssv2prep.bench").info(msg))
+    out.print(format_shard_bench(result))
+    emit_json(json_path, result)
+
+
+@bench.command("loader")
+@click.option(
+    "--index",
+    "shard_index",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Train shard index to read (default: synthesize a small set at 256 px).",
+)
+@click.option("--num-clips", type=int, default=256, show_default=True, help="Clips per measurement.")
+@click.option("--workers", "workers_list", default="1,2", show_default=True, help="Worker counts to compare.")
+@click.option("--segments", type=int, default=8, show_default=True)
+@click.option("--crop", type=int, default=224, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True, help="Interleaved repetitions (best is kept).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def bench_loader(
+    shard_index: Path | None,
+    num_clips: int,
+    workers_list: str,
+    segments: int,
+    crop: int,
+    repeats: int,
+    json_path: Path | None,
+) -> None:
+    """Train-clip throughput from shards against a folder-of-JPEGs loader (official style) and the decode bound.
+
+    \b
+    Example:
+      ssv2prep bench loader --num-clips 256 --workers 1,2 --json bench-loader.json
+    """
+    from ssv2prep.bench.loader import format_loader_bench, run_loader_bench
+
+    log = logging.getLogger("ssv2prep.bench")
+    with console.status("benchmarking the loader ..."):
+        result = run_loader_bench(
+            shard_index,
+            num_clips=num_clips,
+            segments=segments,
+            crop=crop,
+            repeats=repeats,
+            workers=int_list("--workers", workers_list),
+            on_progress=log.info,
+        )
+    out.print(format_loader_bench(result), markup=False)
+    emit_json(json_path, result)
+
+
+@bench.command("shift")
+@click.option("--backbones", default="resnet50", show_default=True, help="Comma-separated backbones.")
+@click.option("--segments", type=int, default=8, show_default=True)
+@click.option("--size", type=int, default=224, show_default=True, help="Frame size in pixels.")
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Clips per forward call.")
+@click.option("--repeats", type=int, default=10, show_default=True, help="Timed rounds per variant (medians).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (also run on CUDA when present).")
+@click.option("--shift-divs", default="8,4,2,1", show_default=True, help="Shift amounts to time (1 = all channels).")
+@click.option("--modes", default="bidirectional,unidirectional", show_default=True, help="Shift modes to time.")
+@click.option("--places", default="blockres,block", show_default=True, help="Shift places to time.")
+@click.option(
+    "--malloc-modes",
+    default=None,
+    help="Allocator modes to time, e.g. kept,system (default: the one this process runs with, see --malloc).",
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def bench_shift(
+    backbones: str,
+    segments: int,
+    size: int,
+    batch_sizes: str,
+    repeats: int,
+    device: str,
+    shift_divs: str,
+    modes: str,
+    places: str,
+    malloc_modes: str | None,
+    json_path: Path | None,
+) -> None:
+    """Latency per clip of every shift variant, ours against the official zeros-then-copy shift.
+
+    \b
+    Examples:
+      ssv2prep bench shift --backbones resnet50 --batch-sizes 1,8 --repeats 10 --json bench-shift.json
+      ssv2prep bench shift --shift-divs 8 --modes bidirectional --places blockres --malloc-modes kept,system
+    """
+    from ssv2prep.bench.shift import format_table, run_shift_bench
+
+    with progress_bars() as progress:
+        task = progress.add_task("timing", total=None, rate="")
+        result = run_shift_bench(
+            backbones=split_list(backbones),
+            segments=segments,
+            size=size,
+            batch_sizes=int_list("--batch-sizes", batch_sizes),
+            repeats=repeats,
+            device=device,
+            shift_divs=int_list("--shift-divs", shift_divs),
+            shift_modes=tuple(split_list(modes)),
+            shift_places=tuple(split_list(places)),
+            malloc_modes=tuple(split_list(malloc_modes)) if malloc_modes else None,
+            on_progress=lambda d, t: progress.update(task, completed=d, total=t),
+        )
+    out.print(format_table(result), markup=False)
+    emit_json(json_path, result)

@@ -1,0 +1,395 @@
+"""Commands of the data side: synth, download, extract, shard, verify and report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from ssv2prep.cli.app import jpeg_encoder_option, main, out, progress_bars, split_list
+
+# ---------------------------------------------------------------------------------------------------------- synth
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--pairs", "num_pairs", type=int, default=None, help="Mirror pairs of classes (2 classes each).")
+@click.option("--train-per-class", type=int, default=None, help="Train videos per class.")
+@click.option("--validation-per-class", type=int, default=None, help="Validation videos per class.")
+@click.option("--test-per-class", type=int, default=None, help="Test videos per class.")
+@click.option("--height", type=int, default=None, help="Frame height in pixels (SSv2: 240).")
+@click.option("--min-frames", type=int, default=None, help="Fewest frames per video.")
+@click.option("--max-frames", type=int, default=None, help="Most frames per video.")
+@click.option("--seed", type=int, default=None, help="Random seed; the same seed gives identical files.")
+@click.option("--package", is_flag=True, help="Also write the distribution form (split gzip tar, labels zip).")
+@click.option("--parts", "num_parts", type=int, default=None, help="With --package: number of archive parts.")
+@click.option("--zip-parts", is_flag=True, help="With --package: wrap each part in a zip, as one SSv2 release did.")
+def synth(out_dir: Path, **opts: Any) -> None:
+    """Make a synthetic dataset in the exact SSv2 form: VP9 webm videos and the annotation files.
+
+    Each class is a motion that only frame order reveals, in mirror pairs named like real SSv2 classes.
+
+    \b
+    Examples:
+      ssv2prep synth data/synth
+      ssv2prep synth data/synth --pairs 3 --train-per-class 40 --height 120 --package --parts 3
+    """
+    from ssv2prep.prep.synth import SynthConfig, synthesize
+
+    given = {k: v for k, v in opts.items() if v is not None and v is not False}  # 0 is a value, not 'unset'
+    cfg = SynthConfig(**given)
+    cfg.validate()
+    with progress_bars() as progress:
+        task = progress.add_task("encoding videos", total=None, rate="")
+        result = synthesize(
+            out_dir, cfg, on_progress=lambda done, total: progress.update(task, completed=done, total=total)
+        )
+    counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
+    out.print(f"synth: {len(result.classes)} classes; {counts} videos in {result.videos_dir}")
+    out.print(f"labels: {result.labels_dir}")
+    if result.package_dir:
+        out.print(f"package: {result.package_dir} (manifest {result.manifest_path})")
+
+
+# ------------------------------------------------------------------------------------------------------- download
+
+
+DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "manifests" / "ssv2.json"
+
+
+@main.command()
+@click.option("--dest", required=True, type=click.Path(file_okay=False, path_type=Path), help="Download folder.")
+@click.option(
+    "--manifest",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Download manifest (default: manifests/ssv2.json, the real dataset).",
+)
+@click.option("--base-url", default=None, help="Where the files are served (the manifest leaves this to you).")
+@click.option("--header", "headers", multiple=True, help="Extra HTTP header 'Name: value' (repeatable).")
+@click.option(
+    "--cookies",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="cookies.txt exported from a logged-in browser session.",
+)
+@click.option("--jobs", type=int, default=2, show_default=True, help="Files downloaded in parallel.")
+@click.option("--retries", type=int, default=5, show_default=True, help="Retries per file on errors and 5xx.")
+def download(
+    dest: Path,
+    manifest: Path | None,
+    base_url: str | None,
+    headers: tuple[str, ...],
+    cookies: Path | None,
+    jobs: int,
+    retries: int,
+) -> None:
+    """Download every file of a manifest: resumable, verified by checksum, several at once.
+
+    Files already in --dest (complete and verified, or put there by hand) are not downloaded again.
+    The SSv2 files need an accepted research licence: pass your session with --cookies or --header.
+
+    \b
+    Examples:
+      ssv2prep download --dest dl --base-url https://example.org/ssv2 --cookies cookies.txt
+      ssv2prep download --dest dl --manifest data/synth/package/manifest.json --base-url http://127.0.0.1:8000
+    """
+    from ssv2prep.prep.download import DownloadConfig, download_manifest, parse_header_option
+    from ssv2prep.prep.manifest import load_manifest
+
+    man = load_manifest(manifest or DEFAULT_MANIFEST)
+    cfg = DownloadConfig(
+        dest=dest,
+        base_url=base_url,
+        headers=tuple(parse_header_option(h) for h in headers),
+        cookies_file=cookies,
+        jobs=jobs,
+        retries=retries,
+    )
+    cfg.validate()
+    with progress_bars(transfer=True) as progress:
+        tasks: dict[str, Any] = {}
+
+        def on_progress(name: str, done: int, total: int | None) -> None:
+            if name not in tasks:
+                tasks[name] = progress.add_task(name, total=total)
+            progress.update(tasks[name], completed=done, total=total)
+
+        results = download_manifest(man, cfg, on_progress=on_progress)
+    for r in results:
+        out.print(f"{r.status.name.lower():>18}  {r.name}  {r.size_bytes} bytes")
+    out.print(f"download: {len(results)} files complete in {dest}")
+
+
+# -------------------------------------------------------------------------------------------------------- extract
+
+
+@main.command()
+@click.option(
+    "--src",
+    required=True,
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Folder with the downloaded parts (any SSv2 layout) and labels.",
+)
+@click.option("--dest", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+def extract(src: Path, dest: Path) -> None:
+    """Join the archive parts as a stream and untar the videos safely; gather the label files.
+
+    Accepts 20 or 2 raw parts, zip-wrapped parts (detected by their bytes), a joined .tar.gz or an extracted
+    folder, and both label naming schemes. Writes DEST/20bn-something-something-v2/<id>.webm and DEST/labels/.
+
+    \b
+    Example:
+      ssv2prep extract --src dl --dest data
+    """
+    from ssv2prep.prep.extract import extract_dataset
+
+    with progress_bars(transfer=True) as progress:
+        task = progress.add_task("extracting", total=None)
+        result = extract_dataset(
+            src, dest, on_progress=lambda done, total: progress.update(task, completed=done, total=total)
+        )
+    out.print(f"extract: layout {result.layout}; {result.written} videos written, {result.skipped} already there")
+    out.print(f"videos: {result.videos_dir}\nlabels: {result.labels_dir}")
+
+
+# ---------------------------------------------------------------------------------------------------------- shard
+
+
+def _print_summaries(summaries: dict[str, Any], out_dir: Path) -> None:
+    table = Table(title=f"shards in {out_dir}")
+    for col in ("split", "shards", "ok", "failed", "missing", "frames", "MB", "failure reasons"):
+        table.add_column(col, justify="left" if col in ("split", "failure reasons") else "right")
+    for s in summaries.values():
+        reasons = ", ".join(f"{k} {v}" for k, v in s.failure_reasons.items()) or "-"
+        table.add_row(
+            s.split,
+            str(s.num_shards),
+            str(s.ok),
+            str(s.failed),
+            str(s.missing),
+            str(s.num_frames),
+            f"{s.bytes / 1e6:.1f}",
+            reasons,
+        )
+    out.print(table)
+
+
+@main.command()
+@click.option(
+    "--videos",
+    "videos_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of <id>.webm files.",
+)
+@click.option(
+    "--labels",
+    "labels_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder with labels.json, train.json, ... (either naming scheme).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder for shards and their index files.",
+)
+@click.option("--splits", default="train,validation,test", show_default=True, help="Comma-separated splits.")
+@click.option(
+    "--holdout",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Carve this stratified, seeded fraction of train into a 'holdout' split.",
+)
+@click.option("--videos-per-shard", type=int, default=500, show_default=True)
+@click.option("--workers", type=int, default=0, show_default=True, help="Decoding processes (0 = one per core).")
+@click.option("--quality", type=int, default=90, show_default=True, help="JPEG quality on libjpeg's 1..95 scale.")
+@jpeg_encoder_option(
+    "ffmpeg: FFmpeg's mjpeg from the YUV planes, --quality mapped to its quantizer (90 -> q:v 2, as the official "
+    "recipe); pillow: libjpeg at exactly --quality (slower)."
+)
+@click.option("--short-side", type=int, default=None, help="Scale frames so the short side has S pixels.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["frames", "video"]),
+    default="frames",
+    show_default=True,
+    help="frames: JPEG per frame; video: the original webm bytes.",
+)
+@click.option("--decoder", type=click.Choice(["pyav", "ffmpeg"]), default="pyav", show_default=True)
+@click.option("--part", default=None, help="K/N: write only part K of N of the shard plan (array jobs).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the shard plan and holdout.")
+@click.option(
+    "--max-failed-fraction",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="Exit non-zero when more videos than this fraction fail to decode.",
+)
+def shard(
+    videos_dir: Path,
+    labels_dir: Path,
+    out_dir: Path,
+    splits: str,
+    holdout: float,
+    videos_per_shard: int,
+    workers: int,
+    quality: int,
+    jpeg_encoder: str,
+    short_side: int | None,
+    fmt: str,
+    decoder: str,
+    part: str | None,
+    seed: int,
+    max_failed_fraction: float,
+) -> None:
+    """Write WebDataset tar shards of JPEG frames (or videos) with index, manifest and stats per split.
+
+    Re-running resumes: complete shards are skipped and the result is byte-identical to an uninterrupted run.
+
+    \b
+    Examples:
+      ssv2prep shard --videos data/20bn-something-something-v2 --labels data/labels --out shards
+      ssv2prep shard ... --short-side 256 --holdout 0.05 --workers 16
+      ssv2prep shard ... --part 3/8      # machine 3 of 8; re-run without --part to write the indexes
+    """
+    from ssv2prep.prep.plan import parse_part
+    from ssv2prep.prep.prepare import ShardConfig, TooManyFailuresError, shard_dataset
+    from ssv2prep.prep.shard import WriterSettings
+
+    cfg = ShardConfig(
+        videos_dir=videos_dir,
+        labels_dir=labels_dir,
+        out_dir=out_dir,
+        splits=split_list(splits),
+        holdout=holdout,
+        videos_per_shard=videos_per_shard,
+        workers=workers,
+        part=parse_part(part),
+        seed=seed,
+        writer=WriterSettings(
+            format=fmt, quality=quality, short_side=short_side, decoder=decoder, encoder=jpeg_encoder
+        ),
+        max_failed_fraction=max_failed_fraction,
+    )
+    with progress_bars() as progress:
+        task = progress.add_task("sharding", total=None, rate="")
+        counts = {"videos": 0}
+
+        def on_plan(shards: int, videos: int, skipped: int) -> None:
+            if skipped:
+                logging.getLogger("ssv2prep").info("%d shards already complete; skipping them", skipped)
+            progress.update(task, total=videos, description=f"{shards} shards")
+
+        def on_shard(stats: Any) -> None:
+            counts["videos"] += len(stats.outcomes)
+            rate = f"{len(stats.outcomes) / stats.seconds:.1f} videos/s/worker" if stats.seconds else ""
+            progress.update(task, completed=counts["videos"], rate=rate)
+
+        try:
+            result = shard_dataset(cfg, on_plan=on_plan, on_shard=on_shard)
+        except TooManyFailuresError as exc:
+            _print_summaries(exc.result.summaries, out_dir)
+            raise
+    if result.summaries:
+        _print_summaries(result.summaries, out_dir)
+    if result.incomplete_splits:
+        out.print(
+            f"shard: wrote {len(result.written)} shards; splits still waiting for other parts: "
+            f"{', '.join(result.incomplete_splits)} (re-run without --part once all parts are in {out_dir})"
+        )
+    else:
+        out.print(
+            f"shard: {len(result.written)} shards written, {result.skipped_shards} already complete, "
+            f"{result.wall_seconds:.1f} s"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------- verify
+
+
+@main.command()
+@click.argument("shard_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--no-decode", is_flag=True, help="Skip decoding every JPEG (faster; checksums still checked).")
+def verify(shard_dir: Path, no_decode: bool) -> None:
+    """Re-read every shard of every index in SHARD_DIR: checksums, counts, JPEGs, manifest invariants.
+
+    \b
+    Example:
+      ssv2prep verify shards
+    """
+    from ssv2prep.errors import ShardError
+    from ssv2prep.prep.verify import count_shards, verify_folder
+
+    with progress_bars() as progress:
+        task = progress.add_task("verifying", total=count_shards(shard_dir), rate="")
+        report = verify_folder(shard_dir, decode=not no_decode, on_shard=lambda _: progress.advance(task))
+    splits = ", ".join(f"{k} {v}" for k, v in report.splits.items())
+    if not report.ok:
+        for problem in report.problems:
+            click.echo(f"  {problem}", err=True)
+        raise ShardError(f"{shard_dir}: {len(report.problems)} problems found ({report.shards} shards checked)")
+    out.print(f"verify: OK: {report.shards} shards, {report.samples} samples ({splits}), {report.frames} frames")
+
+
+# --------------------------------------------------------------------------------------------------------- report
+
+
+@main.command()
+@click.argument("shard_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the page and PNGs go (default: SHARD_DIR/report).",
+)
+@click.option("--videos-per-class", type=int, default=2, show_default=True, help="Videos per class on contact sheets.")
+@click.option("--segments", type=int, default=8, show_default=True, help="Frames the loader samples per clip.")
+@click.option("--crop-size", type=int, default=224, show_default=True)
+@click.option("--scale-size", type=int, default=256, show_default=True)
+@click.option("--max-shards-scanned", type=int, default=None, help="Frame sizes from at most N shards per split.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def report(
+    shard_dir: Path,
+    out_dir: Path | None,
+    videos_per_class: int,
+    segments: int,
+    crop_size: int,
+    scale_size: int,
+    max_shards_scanned: int | None,
+    seed: int,
+) -> None:
+    """Write a Markdown page with plots and contact sheets of a shard folder (counts, frames, sizes, failures).
+
+    The contact sheets show the frames the loader samples, with and without the training augmentation.
+
+    \b
+    Example:
+      ssv2prep report shards --videos-per-class 2
+    """
+    from ssv2prep.report import ReportConfig, write_report
+
+    cfg = ReportConfig(
+        shard_dir=shard_dir,
+        out_dir=out_dir,
+        videos_per_class=videos_per_class,
+        num_segments=segments,
+        crop_size=crop_size,
+        scale_size=scale_size,
+        max_shards_scanned=max_shards_scanned,
+        seed=seed,
+    )
+    log = logging.getLogger("ssv2prep.report")
+    result = write_report(cfg, on_progress=log.info)
+    for split, c in result.counts.items():
+        out.print(f"{split}: {c['ok']} ok, {c['failed']} failed, {c['missing']} missing in {c['shards']} shards")
+    out.print(f"report: {result.page} ({len(result.images)} images)")

@@ -1,0 +1,504 @@
+"""Commands of the model side: train, eval, export and predict."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from ssv2prep.cli.app import console, main, out, progress_bars, split_list
+
+# ---------------------------------------------------------------------------------------------------------- train
+
+
+def _model_options(f: Any) -> Any:
+    """Model options shared by train (and sweeps): backbone, weights and every shift option."""
+    options = [
+        click.option(
+            "--backbone",
+            default="resnet50",
+            show_default=True,
+            type=click.Choice(["resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2"]),
+        ),
+        click.option(
+            "--weights",
+            default=None,
+            help="none (default), 'imagenet' (torchvision weights), a torchvision weights name, or a file.",
+        ),
+        click.option("--segments", type=int, default=8, show_default=True, help="Frames per clip (T)."),
+        click.option(
+            "--shift-div",
+            type=int,
+            default=8,
+            show_default=True,
+            help="1/div of the channels shift each way; 0 = no shift (TSN); 1 = all channels (naive).",
+        ),
+        click.option(
+            "--shift-mode",
+            type=click.Choice(["bidirectional", "unidirectional"]),
+            default="bidirectional",
+            show_default=True,
+        ),
+        click.option("--shift-place", type=click.Choice(["blockres", "block"]), default="blockres", show_default=True),
+        click.option("--dropout", type=float, default=0.5, show_default=True),
+        click.option("--partial-bn", is_flag=True, help="Freeze every BatchNorm but the first (official pBN)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _train_sources(data: Path | None, train: str | None, val: str | None) -> tuple[str, str | None]:
+    from ssv2prep.errors import ConfigError
+    from ssv2prep.train.config import sources_from_data_dir
+
+    if data is not None:
+        if train:
+            raise ConfigError("give either --data DIR or --train/--val, not both")
+        return sources_from_data_dir(data)
+    if not train:
+        raise ConfigError("give --data DIR (a shard folder) or --train INDEX_OR_PATTERN")
+    return train, val
+
+
+def _is_main_process() -> bool:
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+@main.command()
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Shard folder with ssv2-train.json (and ssv2-validation.json).",
+)
+@click.option("--train", "train_spec", default=None, help="Train shards: an index file/URL or a brace pattern.")
+@click.option("--val", "val_spec", default=None, help="Validation shards: an index file/URL or a brace pattern.")
+@click.option("--train-index", default=None, help="Index for a --train pattern (needed for pipe: patterns).")
+@click.option("--val-index", default=None, help="Index for a --val pattern.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
+@_model_options
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Clips per GPU (per process).")
+@click.option("--workers", type=int, default=None, help="Loader workers per process (default: from the machine).")
+@click.option("--crop-size", type=int, default=224, show_default=True)
+@click.option("--scale-size", type=int, default=256, show_default=True, help="Eval: resize short side to this.")
+@click.option("--dense", is_flag=True, help="Dense sampling (64-frame window) instead of segments.")
+@click.option("--flip", is_flag=True, help="Horizontal flip with the label swap of the index's flip_pairs.")
+@click.option("--gpu-decode", is_flag=True, help="Decode JPEGs on the GPU (nvjpeg via torchvision); CUDA only.")
+@click.option("--epochs", type=int, default=50, show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True, help="Per 64 clips of total batch.")
+@click.option("--no-lr-scaling", is_flag=True, help="Use --lr as is instead of scaling it by total batch / 64.")
+@click.option("--lr-schedule", type=click.Choice(["step", "cosine"]), default="step", show_default=True)
+@click.option("--lr-steps", default="20,40", show_default=True, help="Epochs where the step schedule decays x0.1.")
+@click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
+@click.option("--wd", type=float, default=1e-4, show_default=True, help="Weight decay (not on BN and biases).")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--clip-grad", type=float, default=20.0, show_default=True, help="Global grad-norm clip (0 = off).")
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--eval-every", type=int, default=1, show_default=True, help="Evaluate every N epochs (and at the end).")
+@click.option("--log-every", type=int, default=10, show_default=True, help="Steps between metrics.jsonl lines.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--channels-last/--no-channels-last", default=None, help="Default: on for CUDA.")
+@click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
+def train(**opts: Any) -> None:
+    """Train a TSM (or TSN) from shards; resumes when the run folder already has last.pt.
+
+    \b
+    Examples:
+      ssv2prep train --data shards --out runs/tsm-r50 --backbone resnet50 --weights imagenet --batch-size 8
+      torchrun --nproc-per-node 8 -m ssv2prep train --data shards --out runs/r50 --weights imagenet
+      ssv2prep train --train 'pipe:aws s3 cp s3://b/ssv2-train-{000000..000337}.tar -' \\
+          --train-index s3-train.json --val shards/ssv2-validation.json --out runs/s3
+    """
+    cfg = _train_config(opts)
+    from ssv2prep.train.run import fit
+
+    with _TrainProgress(enabled=_is_main_process()) as progress:
+        result = fit(cfg, on_event=progress.event)
+    if _is_main_process():
+        best = f"{result.best_top1:.2f}%" if result.best_top1 is not None else "n/a (no validation)"
+        out.print(
+            f"train: {result.epochs} epochs, {result.global_step} steps; best val top-1 {best}; "
+            f"run folder {result.run_dir}"
+        )
+
+
+def _train_config(opts: dict[str, Any]) -> Any:
+    from ssv2prep.data.loader import DataConfig
+    from ssv2prep.models.tsm import ModelConfig
+    from ssv2prep.train.config import OptimConfig, RuntimeConfig, TrainConfig, default_num_workers
+
+    train_spec, val_spec = _train_sources(opts["data"], opts["train_spec"], opts["val_spec"])
+    model = ModelConfig(
+        backbone=opts["backbone"],
+        num_segments=opts["segments"],
+        shift_div=opts["shift_div"],
+        shift_mode=opts["shift_mode"],
+        shift_place=opts["shift_place"],
+        dropout=opts["dropout"],
+        weights=None if opts["weights"] in (None, "none") else opts["weights"],
+        partial_bn=opts["partial_bn"],
+    )
+    workers = opts["workers"] if opts["workers"] is not None else default_num_workers()
+    data = DataConfig(
+        num_segments=opts["segments"],
+        crop_size=opts["crop_size"],
+        scale_size=opts["scale_size"],
+        dense=opts["dense"],
+        flip=opts["flip"],
+        gpu_decode=opts["gpu_decode"],
+        batch_size=opts["batch_size"],
+        num_workers=workers,
+    )
+    optim = OptimConfig(
+        epochs=opts["epochs"],
+        lr=opts["lr"],
+        scale_lr=not opts["no_lr_scaling"],
+        momentum=opts["momentum"],
+        weight_decay=opts["wd"],
+        lr_schedule=opts["lr_schedule"],
+        lr_steps=tuple(float(s) for s in split_list(opts["lr_steps"])),
+        warmup_epochs=opts["warmup_epochs"],
+        clip_grad=opts["clip_grad"] or None,
+        label_smoothing=opts["label_smoothing"],
+    )
+    runtime = RuntimeConfig(
+        device=opts["device"],
+        amp=opts["amp"],
+        channels_last=opts["channels_last"],
+        compile=opts["use_compile"],
+        log_every=opts["log_every"],
+        eval_every=opts["eval_every"],
+        seed=opts["seed"],
+    )
+    return TrainConfig(
+        train=train_spec,
+        val=val_spec,
+        train_index=opts["train_index"],
+        val_index=opts["val_index"],
+        out=opts["out"],
+        model=model,
+        data=data,
+        optim=optim,
+        runtime=runtime,
+    )
+
+
+class _TrainProgress:
+    """Rich progress for `fit` events: one bar per epoch with loss, top-1, lr, clips/s and data wait."""
+
+    def __init__(self, *, enabled: bool) -> None:
+        self.enabled = enabled and console.is_terminal
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not self.enabled,
+        )
+        self.task: Any = None
+        self.steps = 0
+        self.log = logging.getLogger("ssv2prep.train")
+
+    def __enter__(self) -> _TrainProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def event(self, kind: str, data: dict[str, Any]) -> None:
+        if not _is_main_process():
+            return
+        getattr(self, f"_on_{kind}")(data)
+
+    def _on_start(self, d: dict[str, Any]) -> None:
+        self.steps = d["steps_per_epoch"]
+        self.log.info(
+            "training on %s x %d (amp %s): %d clips per process, %d in total, base lr %.5f, "
+            "%d steps per epoch, epochs %d..%d",
+            d["device"],
+            d["world_size"],
+            d["amp"],
+            d["batch_size"],
+            d["batch_size"] * d["world_size"],
+            d["base_lr"],
+            self.steps,
+            d["start_epoch"] + 1,
+            d["epochs"],
+        )
+
+    def _on_step(self, d: dict[str, Any]) -> None:
+        if self.task is None:
+            self.task = self.progress.add_task(f"epoch {d['epoch'] + 1}", total=self.steps, info="")
+        info = (
+            f"loss {d['loss']:.3f} top1 {d['top1']:.1f} lr {d['lr']:.2e} {d['clips_per_s']:.1f} clips/s "
+            f"data {100 * d['data_wait']:.0f}%"
+        )
+        self.progress.update(self.task, advance=1, info=info)
+
+    def _on_epoch(self, d: dict[str, Any]) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+        skipped = f", {int(d['skipped'])} corrupt samples skipped" if d.get("skipped") else ""
+        self.log.info(
+            "epoch %d: loss %.4f, train top-1 %.2f%%, %.0f%% of step time waiting for data%s",
+            d["epoch"],
+            d["loss"],
+            d["top1"],
+            100 * d["data_wait"],
+            skipped,
+        )
+
+    def _on_eval(self, d: dict[str, Any]) -> None:
+        self.log.info(
+            "epoch %d validation: top-1 %.2f%%, top-5 %.2f%%, mean class %.2f%% (%d videos)",
+            d["epoch"],
+            d["top1"],
+            d["top5"],
+            d["mean_class_accuracy"],
+            d["videos"],
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------- eval
+
+
+def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, int], ...]:
+    """`crops=1,3;clips=1,2` -> every combination; no grid -> ((crops, clips),)."""
+    if not grid:
+        return ((crops, clips),)
+    axes = {"crops": [crops], "clips": [clips]}
+    for part in grid.split(";"):
+        name, _, values = part.partition("=")
+        if name.strip() not in axes:
+            raise click.BadParameter(f"unknown axis {name.strip()!r} (use crops= and clips=)", param_hint="--grid")
+        axes[name.strip()] = [int(v) for v in values.split(",") if v.strip()]
+    return tuple((c, k) for c in axes["crops"] for k in axes["clips"])
+
+
+@main.command("eval")
+@click.option(
+    "--checkpoint",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Our best.pt/last.pt, or an official TSM .pth (settings read from its file name).",
+)
+@click.option(
+    "--data",
+    "data_spec",
+    required=True,
+    help="A shard index (ssv2-validation.json), a shard URL pattern, or a shard folder with --split.",
+)
+@click.option("--split", default="validation", show_default=True, help="With a shard folder: which split.")
+@click.option("--index", default=None, help="Index for a pattern given as --data (needed for pipe: patterns).")
+@click.option("--segments", type=int, default=None, help="Frames per clip (default: as trained).")
+@click.option("--crops", type=click.Choice(["1", "3", "5", "10"]), default="1", show_default=True)
+@click.option(
+    "--clips",
+    type=click.Choice(["1", "2"]),
+    default="1",
+    show_default=True,
+    help="2 = the official twice sample (segment centres and starts).",
+)
+@click.option("--grid", default=None, help="Several settings, e.g. 'crops=1,3,5,10;clips=1,2'.")
+@click.option("--dense", is_flag=True, help="Dense sampling: 10 clips from a 64-frame window.")
+@click.option("--full-res", is_flag=True, help="Crops of the full scale size (256) instead of the crop size (224).")
+@click.option("--crop-size", type=int, default=None, help="Default: as trained (224 for official checkpoints).")
+@click.option("--scale-size", type=int, default=None, help="Resize short side to this (default: as trained).")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Videos per batch per process.")
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Report folder (default: eval-<split> beside the checkpoint).",
+)
+@click.option(
+    "--predictions",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write per-video top-5 class indices (id;c1;c2;c3;c4;c5) for submission.",
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def eval_cmd(
+    checkpoint: Path,
+    data_spec: str,
+    split: str,
+    index: str | None,
+    segments: int | None,
+    crops: str,
+    clips: str,
+    grid: str | None,
+    dense: bool,
+    full_res: bool,
+    crop_size: int | None,
+    scale_size: int | None,
+    batch_size: int,
+    workers: int,
+    out_dir: Path | None,
+    predictions: Path | None,
+    device: str,
+) -> None:
+    """Evaluate a checkpoint on a held-out split: top-1/top-5, per-class, confusion, seconds per video.
+
+    \b
+    Examples:
+      ssv2prep eval --checkpoint runs/r50/best.pt --data shards/ssv2-validation.json --crops 3 --clips 2
+      ssv2prep eval --checkpoint TSM_somethingv2_RGB_resnet50_shift8_blockres_avg_segment8_e45.pth --data shards
+      ssv2prep eval --checkpoint runs/r50/best.pt --data shards --grid 'crops=1,3,5,10;clips=1,2'
+      torchrun --nproc-per-node 4 -m ssv2prep eval --checkpoint runs/r50/best.pt --data shards
+    """
+    from ssv2prep.train.evaluation import EvalConfig, evaluate_checkpoint
+
+    spec = data_spec
+    if Path(data_spec).is_dir():
+        spec = str(Path(data_spec) / f"ssv2-{split}.json")
+    cfg = EvalConfig(
+        checkpoint=checkpoint,
+        data=spec,
+        index=index,
+        settings=_parse_grid(grid, int(crops), int(clips)),
+        segments=segments,
+        dense=dense,
+        full_res=full_res,
+        crop_size=crop_size,
+        scale_size=scale_size,
+        batch_size=batch_size,
+        workers=workers,
+        out=out_dir or checkpoint.parent / f"eval-{split}",
+        predictions=predictions,
+        device=device,
+    )
+    with progress_bars() as progress:
+        task = progress.add_task("evaluating", total=None, rate="")
+        rows = evaluate_checkpoint(cfg, on_batch=lambda n: progress.advance(task, n))
+    if not _is_main_process():
+        return
+    for r in rows:
+        out.print(
+            f"eval: {r['crops']} crops x {r['clips']} clips, {r['segments']} frames: top-1 {r['top1']:.2f}%, "
+            f"top-5 {r['top5']:.2f}%, mean class {r['mean_class_accuracy']:.2f}% on {r['labelled']} videos, "
+            f"{r['seconds_per_video']:.3f} s/video"
+        )
+    out.print(f"reports in {cfg.out}")
+
+
+# --------------------------------------------------------------------------------------------------------- export
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the exported file (default: beside the checkpoint).",
+)
+@click.option("--dataset", default="somethingv2", show_default=True, help="Dataset name in the official file name.")
+def export(checkpoint: Path, out_dir: Path | None, dataset: str) -> None:
+    """Export one of our checkpoints in the official TSM layout and file name (module.base_model..., new_fc).
+
+    \b
+    Example:
+      ssv2prep export runs/r50/best.pt --out exported/
+    """
+    from ssv2prep.models.official import export_official
+    from ssv2prep.train.checkpoint import load_checkpoint
+    from ssv2prep.train.evaluation import load_for_eval
+
+    model, _, _ = load_for_eval(checkpoint, None)
+    ckpt = load_checkpoint(checkpoint, mmap=True)  # only the epoch and best accuracy: the weights stay unread
+    path = export_official(
+        model,
+        out_dir or checkpoint.parent,
+        dataset=dataset,
+        epochs=int(ckpt["epoch"]),
+        best_prec1=max(0.0, float(ckpt["best_top1"])),
+    )
+    out.print(f"export: {path}")
+
+
+# -------------------------------------------------------------------------------------------------------- predict
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("videos", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--classes",
+    "classes_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="classes.json or labels.json (needed for official checkpoints).",
+)
+@click.option("--crops", type=click.Choice(["1", "3", "5", "10"]), default="1", show_default=True)
+@click.option("--clips", type=click.Choice(["1", "2"]), default="1", show_default=True)
+@click.option("--scale-size", type=int, default=None, help="Resize short side (default: as trained).")
+@click.option("--crop-size", type=int, default=None, help="Crop size (default: as trained).")
+@click.option("--online", is_flag=True, help="Frame by frame with a unidirectional model; print as it evolves.")
+def predict(
+    checkpoint: Path,
+    videos: tuple[Path, ...],
+    classes_file: Path | None,
+    crops: str,
+    clips: str,
+    scale_size: int | None,
+    crop_size: int | None,
+    online: bool,
+) -> None:
+    """Classify webm/mp4 files directly and print the top-5 classes with probabilities.
+
+    \b
+    Examples:
+      ssv2prep predict runs/r50/best.pt clip1.webm clip2.webm
+      ssv2prep predict TSM_somethingv2_RGB_resnet50_shift8_blockres_avg_segment8_e45.pth a.webm --classes labels.json
+      ssv2prep predict runs/online/best.pt a.webm --online
+    """
+    from ssv2prep.train.predict import predict_online, predict_videos
+
+    if online:
+        for video in videos:
+            out.print(f"{video} (online):")
+
+            def show(i: int, top: list[tuple[str, float]]) -> None:
+                out.print(f"  frame {i + 1:4d}: {top[0][0]} ({100 * top[0][1]:.1f}%)", markup=False)
+
+            predict_online(
+                checkpoint, video, classes_file=classes_file, scale_size=scale_size, crop_size=crop_size, on_frame=show
+            )
+        return
+    predictions = predict_videos(
+        checkpoint,
+        list(videos),
+        classes_file=classes_file,
+        crops=int(crops),
+        clips=int(clips),
+        scale_size=scale_size,
+        crop_size=crop_size,
+    )
+    for p in predictions:
+        out.print(f"{p.video}:", markup=False)
+        for rank, (name, prob) in enumerate(p.top5, 1):
+            out.print(f"  {rank}. {name}  {100 * prob:.1f}%", markup=False)
