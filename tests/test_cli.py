@@ -187,3 +187,10 @@ def test_synth_zero_videos_for_a_split_means_zero(tmp_path: Path) -> None:
     assert "train 2, validation 0, test 0" in result.output
     assert json.loads((tmp_path / "s/labels/validation.json").read_text()) == []
     assert len(list((tmp_path / "s/20bn-something-something-v2").glob("*.webm"))) == 2
+
+
+def test_a_bad_number_list_is_a_usage_error_naming_the_option(tiny_shards: Path, tmp_path: Path) -> None:
+    code, _, stderr = run("train", "--data", str(tiny_shards), "--out", str(tmp_path / "r"), "--lr-steps", "20,forty")
+    assert code == 2 and "Traceback" not in stderr
+    assert "--lr-steps" in stderr and "'20,forty'" in stderr
+    assert not (tmp_path / "r").exists()  # nothing started

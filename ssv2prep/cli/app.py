@@ -120,6 +120,14 @@ def int_list(option: str, value: str) -> tuple[int, ...]:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint=option) from None
 
 
+def float_list(option: str, value: str) -> tuple[float, ...]:
+    """A comma-separated list of numbers, or a one-line usage error naming the option."""
+    try:
+        return tuple(float(v) for v in split_list(value))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}", param_hint=option) from None
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

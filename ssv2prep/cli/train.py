@@ -17,7 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ssv2prep.cli.app import console, main, out, progress_bars, split_list
+from ssv2prep.cli.app import console, float_list, main, out, progress_bars
 
 # ---------------------------------------------------------------------------------------------------------- train
 
@@ -171,7 +171,7 @@ def _train_config(opts: dict[str, Any]) -> Any:
         momentum=opts["momentum"],
         weight_decay=opts["wd"],
         lr_schedule=opts["lr_schedule"],
-        lr_steps=tuple(float(s) for s in split_list(opts["lr_steps"])),
+        lr_steps=float_list("--lr-steps", opts["lr_steps"]),
         warmup_epochs=opts["warmup_epochs"],
         clip_grad=opts["clip_grad"] or None,
         label_smoothing=opts["label_smoothing"],
