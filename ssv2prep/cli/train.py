@@ -109,6 +109,14 @@ def _is_main_process() -> bool:
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True)
 @click.option("--eval-every", type=int, default=1, show_default=True, help="Evaluate every N epochs (and at the end).")
 @click.option("--log-every", type=int, default=10, show_default=True, help="Steps between metrics.jsonl lines.")
+@click.option(
+    "--checkpoint-every",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Also save last.pt every N steps inside an epoch, so a killed run (a spot instance) resumes mid-epoch "
+    "and loses at most N steps (0: only at the end of each epoch).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True)
@@ -183,6 +191,7 @@ def _train_config(opts: dict[str, Any]) -> Any:
         compile=opts["use_compile"],
         log_every=opts["log_every"],
         eval_every=opts["eval_every"],
+        checkpoint_every=opts["checkpoint_every"],
         seed=opts["seed"],
     )
     return TrainConfig(

@@ -433,19 +433,30 @@ class StreamConfig:
     steps: int = 0
 
 
-def _prepared(samples: Iterable[RawSample], cfg: StreamConfig, rng: np.random.Generator) -> Iterator[Any]:
-    """Samples -> finished clips (or pending requests), with SKIP for each sample that could not be used."""
+def _prepared(
+    samples: Iterable[RawSample], cfg: StreamConfig, rng: np.random.Generator, *, replay: int = 0
+) -> Iterator[Any]:
+    """Samples -> finished clips (or pending requests), with SKIP for each sample that could not be used.
+
+    The first `replay` usable samples are only planned, not decoded or yielded: this draws the same random numbers
+    as producing them would, so a stream resumed mid-epoch continues exactly where the interrupted one was (unless
+    one of the replayed samples would have failed to decode: that is only found by decoding).
+    """
     in_a_row = 0
     for sample in samples:
         try:
             request = cfg.planner(sample, rng)
+            if replay:
+                replay -= 1
+                continue
             item = (request, cfg.finisher(request)) if cfg.decode_in_worker else (predecode_video(request), None)
         except SampleError as exc:
             log.warning("skipped sample %s of %s: %s", sample.key, sample.url, exc)
             in_a_row += 1
             if in_a_row >= MAX_SKIPS_IN_A_ROW:
                 raise ShardError(f"{sample.url}: {in_a_row} samples in a row failed to decode (last: {exc})") from exc
-            yield SKIP
+            if not replay:  # skips in the replayed part were counted before the interruption
+                yield SKIP
             continue
         in_a_row = 0
         yield item
@@ -478,7 +489,8 @@ def _batched(items: Iterable[Any], batch_size: int) -> Iterator[Batch | _Pending
 class ClipStream(IterableDataset):
     """The per-worker stream of batches (an IterableDataset; DataLoader runs one copy per worker).
 
-    `epoch` is read when iteration starts: set it before creating the DataLoader iterator.
+    `epoch` and `skip` (train batches of the epoch already consumed, when resuming mid-epoch) are read when
+    iteration starts: set them before creating the DataLoader iterator.
     """
 
     def __init__(self, cfg: StreamConfig) -> None:
@@ -486,11 +498,16 @@ class ClipStream(IterableDataset):
         super().__init__()
         self.cfg = cfg
         self.epoch = 0
+        self.skip = 0
 
-    def _train_batches(self, worker: int, num_workers: int) -> Iterator[Batch | _Pending]:
+    def _train_batches(self, loader_worker: int, num_workers: int) -> Iterator[Batch | _Pending]:
         cfg = self.cfg
-        quota = batches_for_worker(cfg.steps, worker, num_workers)
-        if quota == 0:
+        # Batch i of an epoch is the (i // W)-th batch of worker i % W. After `skip` batches the DataLoader's first
+        # worker must produce batch `skip`, so loader worker j plays worker (j + skip) % W, minus what it has done.
+        worker = (loader_worker + self.skip) % num_workers
+        done = batches_for_worker(self.skip, worker, num_workers)
+        quota = batches_for_worker(cfg.steps, worker, num_workers) - done
+        if quota <= 0:
             return
         ids = train_shards(
             len(cfg.urls),
@@ -503,7 +520,7 @@ class ClipStream(IterableDataset):
         )
         rng = np.random.default_rng([cfg.seed, self.epoch, cfg.rank, worker])
         samples = _passes([cfg.urls[i] for i in ids], cfg.shuffle_buffer, rng)
-        batches = _batched(_prepared(samples, cfg, rng), cfg.batch_size)
+        batches = _batched(_prepared(samples, cfg, rng, replay=done * cfg.batch_size), cfg.batch_size)
         try:
             yield from itertools.islice(batches, quota)
         finally:
@@ -569,6 +586,10 @@ class _LoaderBase:
             prefetch_factor=self.cfg.prefetch_factor if workers else None,
             pin_memory=pin,
             collate_fn=_passthrough,
+            # Workers draw from their own seeded numpy generators; a private generator keeps the DataLoader from
+            # drawing its base seed from the global torch RNG, so a training run resumed mid-epoch sees the same
+            # dropout masks as an uninterrupted one.
+            generator=torch.Generator().manual_seed(0),
         )
         for item in loader:
             if isinstance(item, _Failure):
@@ -592,10 +613,18 @@ class TrainLoader(_LoaderBase):
         super().__init__(stream, cfg, device)
         self.steps = steps
         self.epoch = 0
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shard order and random draws the next iteration uses."""
+    def set_epoch(self, epoch: int, *, skip: int = 0) -> None:
+        """Select the epoch whose shard order and random draws the next iteration uses.
+
+        `skip`: batches of this epoch already trained (resuming mid-epoch); the iteration then yields the epoch's
+        remaining `len(self) - skip` batches, the same ones an uninterrupted iteration yields after those.
+        """
+        if not 0 <= skip < self.steps:
+            raise ValueError(f"cannot skip {skip} of {self.steps} batches")
         self.epoch = epoch
+        self.skip = skip
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -603,13 +632,13 @@ class TrainLoader(_LoaderBase):
 
     def __iter__(self) -> Iterator[Batch]:
         """The batches of the current epoch."""
-        self.stream.epoch = self.epoch
-        count = 0
+        self.stream.epoch, self.stream.skip = self.epoch, self.skip
+        count, expected = 0, self.steps - self.skip
         for batch in self._items():
             count += 1
             yield batch
-        if count != self.steps:
-            raise ShardError(f"train loader produced {count} batches instead of {self.steps} in epoch {self.epoch}")
+        if count != expected:
+            raise ShardError(f"train loader produced {count} batches instead of {expected} in epoch {self.epoch}")
 
 
 class EvalLoader(_LoaderBase):

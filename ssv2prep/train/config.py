@@ -52,6 +52,7 @@ class RuntimeConfig:
     compile: bool = False
     log_every: int = 10
     eval_every: int = 1
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: only at the end of each epoch)
     seed: int = 0
 
     def validate(self) -> None:
@@ -62,6 +63,8 @@ class RuntimeConfig:
             raise ConfigError(f"--device must be auto, cpu or cuda (got {self.device!r})")
         if self.log_every < 1 or self.eval_every < 1:
             raise ConfigError("--log-every and --eval-every must be >= 1")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0 (got {self.checkpoint_every})")
 
 
 @dataclass(frozen=True, slots=True)

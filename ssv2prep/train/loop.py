@@ -85,14 +85,17 @@ def train_one_epoch(
     set_lr: Callable[[int], float],
     ctx: StepContext,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    meter: Meter | None = None,
 ) -> dict[str, float]:
     """Train over `loader` once; returns the epoch's means (all-reduced over ranks).
 
     `set_lr(step)` sets the lr of every parameter group for optimizer step `step` and returns the base lr.
     `on_step` receives a dict per step (step, loss, top1, lr, clips/s, data wait) for progress and logging.
+    `meter` accumulates the epoch's means (pass the restored one when resuming mid-epoch; a new one by default).
     """
     model.train()
-    meter, step = Meter(), start_step
+    meter = meter if meter is not None else Meter()
+    step = start_step
     t_prev = time.perf_counter()
     for batch in loader:
         t_data = time.perf_counter()

@@ -33,10 +33,19 @@ class MetricsLog:
                 self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """Keep only lines logged at or before optimizer step `step` (used when resuming)."""
+        """Keep only what was logged by the time `step` optimizer steps were done (used when resuming).
+
+        A "train" record's `step` is the index of its step (0-based); epoch and eval records carry the number of
+        steps done when they were written.
+        """
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            if line:
+                record = json.loads(line)
+                if record["step"] < step or (record["step"] == step and record["kind"] != "train"):
+                    kept.append(line)
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from ssv2prep.train.checkpoint import check_compatible, load_checkpoint, rng_sta
 from ssv2prep.train.config import TrainConfig
 from ssv2prep.train.dist import DistInfo, barrier, init_distributed, teardown
 from ssv2prep.train.loop import StepContext, evaluate, train_one_epoch
-from ssv2prep.train.metrics import video_metrics
+from ssv2prep.train.metrics import Meter, video_metrics
 from ssv2prep.train.report import MetricsLog, plot_run
 from ssv2prep.train.schedule import lr_factor, scaled_lr
 
@@ -40,6 +40,8 @@ class FitState:
     epoch: int = 0  # epochs completed
     global_step: int = 0
     best_top1: float = -1.0
+    epoch_step: int = 0  # steps of the current epoch done (a mid-epoch checkpoint; 0 at epoch boundaries)
+    epoch_meter: dict[str, dict[str, float]] | None = None  # that epoch's running sums, to finish its means
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -140,6 +142,8 @@ def _checkpoint_state(
         "epoch": state.epoch,
         "global_step": state.global_step,
         "best_top1": state.best_top1,
+        "epoch_step": state.epoch_step,
+        "epoch_meter": state.epoch_meter,
         "config": cfg.to_dict(),
         "model_config": model.cfg.to_dict(),  # type: ignore[union-attr]
         "classes": classes,
@@ -161,8 +165,21 @@ def _resume(run_dir: Path, model: nn.Module, optimizer: Any, scaler: Any, metric
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     metrics.truncate_after(ckpt["global_step"])
-    log.info("resuming %s after epoch %d (step %d)", run_dir, ckpt["epoch"], ckpt["global_step"])
-    return FitState(epoch=ckpt["epoch"], global_step=ckpt["global_step"], best_top1=ckpt["best_top1"])
+    epoch_step = int(ckpt.get("epoch_step", 0))
+    log.info(
+        "resuming %s at epoch %d, step %d of it (step %d overall)",
+        run_dir,
+        ckpt["epoch"],
+        epoch_step,
+        ckpt["global_step"],
+    )
+    return FitState(
+        epoch=ckpt["epoch"],
+        global_step=ckpt["global_step"],
+        best_top1=ckpt["best_top1"],
+        epoch_step=epoch_step,
+        epoch_meter=ckpt.get("epoch_meter"),
+    )
 
 
 def _save(run_dir: Path, ckpt: dict[str, Any], *, best: bool) -> None:
@@ -291,12 +308,27 @@ def _run_epoch(
     classes: list[str],
     emit: Callable[[str, dict[str, Any]], None],
 ) -> dict[str, Any] | None:
-    train_loader.set_epoch(epoch)
+    skip, state.epoch_step = state.epoch_step, 0  # resuming mid-epoch: the steps of this epoch already done
+    train_loader.set_epoch(epoch, skip=skip)
+    meter = Meter(**state.epoch_meter) if skip and state.epoch_meter else Meter()
+    state.epoch_meter = None
+    epoch_start = state.global_step - skip
+    every = cfg.runtime.checkpoint_every
 
     def on_step(stats: dict[str, Any]) -> None:
         emit("step", stats | {"epoch": epoch})
         if (stats["step"] + 1) % cfg.runtime.log_every == 0:
             metrics.write({"kind": "train", "epoch": epoch, **stats})
+        done = stats["step"] + 1 - epoch_start
+        if every and done % every == 0 and done < len(train_loader) and ctx.dist.is_main:
+            mid = FitState(
+                epoch=epoch,
+                global_step=stats["step"] + 1,
+                best_top1=state.best_top1,
+                epoch_step=done,
+                epoch_meter={"sums": dict(meter.sums), "counts": dict(meter.counts)},
+            )
+            _save(cfg.out, _checkpoint_state(model, optimizer, scaler, mid, cfg, classes), best=False)
 
     summary = train_one_epoch(
         net,
@@ -309,8 +341,10 @@ def _run_epoch(
         set_lr=set_lr,
         ctx=ctx,
         on_step=on_step,
+        meter=meter,
     )
     state.global_step += int(summary["steps"])
+    summary["steps"] = float(skip + summary["steps"])  # the whole epoch's, also when it was resumed
     state.epoch = epoch + 1
     record = {"kind": "epoch", "epoch": epoch + 1, "step": state.global_step, **summary}
     metrics.write(record)

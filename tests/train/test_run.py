@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from ssv2prep.cli import main
@@ -123,6 +124,50 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tiny_shards: Path, tmp_p
     ref, got = train_losses(reference), train_losses(killed)
     assert [s for s, _ in got] == [s for s, _ in ref] == list(range(9))
     np.testing.assert_allclose([v for _, v in got], [v for _, v in ref], rtol=1e-5)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_mid_epoch_continues_exactly_with_dropout(tiny_shards: Path, tmp_path: Path) -> None:
+    """A run stopped inside an epoch resumes from its mid-epoch checkpoint: the same batches, dropout masks and
+    weights as a run that was never stopped, and the epoch's means cover the whole epoch."""
+
+    def config(out: Path) -> TrainConfig:
+        cfg = tiny_config(tiny_shards, out, epochs=2)
+        model = ModelConfig(**{**cfg.model.to_dict(), "dropout": 0.5})
+        runtime = RuntimeConfig(device="cpu", log_every=1, checkpoint_every=1)
+        return TrainConfig(
+            **{**{f: getattr(cfg, f) for f in ("train", "val", "out", "data", "optim")}}, model=model, runtime=runtime
+        )
+
+    reference = tmp_path / "reference"
+    fit(config(reference))
+
+    def crash_at_step_4(kind: str, data: dict) -> None:
+        if kind == "step" and data["step"] == 4:  # epoch 1 (3 steps per epoch), after its first step
+            raise _Crash
+
+    stopped = tmp_path / "stopped"
+    with pytest.raises(_Crash):
+        fit(config(stopped), on_event=crash_at_step_4)
+    ckpt = torch.load(stopped / "last.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["global_step"]) == (1, 1, 4)
+    fit(config(stopped))
+
+    ref, got = train_losses(reference), train_losses(stopped)
+    assert [s for s, _ in got] == [s for s, _ in ref] == list(range(6))  # no step lost, none repeated
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in ref], rtol=1e-5)
+    epochs = {r["epoch"]: r for r in read_metrics(stopped / "metrics.jsonl") if r["kind"] == "epoch"}
+    ref_epochs = {r["epoch"]: r for r in read_metrics(reference / "metrics.jsonl") if r["kind"] == "epoch"}
+    assert sorted(epochs) == [1, 2] and epochs[2]["steps"] == 3
+    assert epochs[2]["loss"] == pytest.approx(ref_epochs[2]["loss"], rel=1e-5)
+    final = torch.load(stopped / "last.pt", weights_only=True)
+    ref_final = torch.load(reference / "last.pt", weights_only=True)
+    assert final["epoch_step"] == 0 and final["global_step"] == 6
+    for name, value in ref_final["model"].items():
+        torch.testing.assert_close(final["model"][name], value, rtol=1e-4, atol=1e-6)
 
 
 def test_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_shards: Path, tmp_path: Path) -> None:
@@ -285,12 +330,14 @@ def test_torchrun_two_processes_train_and_eval_like_one(trained: Path, tiny_shar
     for a, b in zip(single, double, strict=True):
         assert (a["videos"], a["top1"], a["top5"]) == (b["videos"], b["top1"], b["top5"])
     np.testing.assert_array_equal(np.load(tmp_path / "one/confusion.npy"), np.load(tmp_path / "two/confusion.npy"))
-    # train: both ranks step equally (12 videos / (2 x 2) = 3 steps per epoch), rank 0 alone writes
+    # train: both ranks step equally (12 videos / (2 x 2) = 3 steps per epoch), rank 0 alone writes, also the
+    # mid-epoch checkpoints (the other rank must not wait for them)
     out = tmp_path / "ddp"
-    proc = torchrun(
-        "train", "--data", str(tiny_shards), "--out", str(out), "--epochs", "2", *train_args(batch_size=2), cwd=tmp_path
-    )
+    args = ("--epochs", "2", "--checkpoint-every", "1", *train_args(batch_size=2))
+    proc = torchrun("train", "--data", str(tiny_shards), "--out", str(out), *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert (last["epoch"], last["epoch_step"], last["global_step"]) == (2, 0, 6)
     records = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(6))
     assert [r["steps"] for r in records if r["kind"] == "epoch"] == [3, 3]
