@@ -131,12 +131,18 @@ def train_one_epoch(
     return _reduce_meter(meter, ctx.dist) | {"steps": step - start_step}
 
 
-def _reduce_meter(meter: Meter, info: DistInfo) -> dict[str, float]:
+def sum_meter(meter: Meter, info: DistInfo) -> Meter:
+    """`meter`'s sums and counts added over all ranks (a collective: every rank calls it with the same names)."""
     names = sorted(meter.sums)
     sums = all_reduce_sum(torch.tensor([meter.sums[k] for k in names], dtype=torch.float64), info)
     counts = all_reduce_sum(torch.tensor([meter.counts[k] for k in names], dtype=torch.float64), info)
-    out = {k: float(s / c) if c else 0.0 for k, s, c in zip(names, sums.tolist(), counts.tolist(), strict=True)}
-    out["skipped"] = float(sums[names.index("skipped")]) if "skipped" in names else 0.0
+    return Meter(dict(zip(names, sums.tolist(), strict=True)), dict(zip(names, counts.tolist(), strict=True)))
+
+
+def _reduce_meter(meter: Meter, info: DistInfo) -> dict[str, float]:
+    total = sum_meter(meter, info)
+    out = {k: total.mean(k) for k in total.sums}
+    out["skipped"] = total.sums.get("skipped", 0.0)
     return out
 
 

@@ -23,7 +23,7 @@ from ssv2prep.fsutil import atomic_write_json, make_temp
 from ssv2prep.train.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ssv2prep.train.config import TrainConfig
 from ssv2prep.train.dist import DistInfo, barrier, init_distributed, teardown
-from ssv2prep.train.loop import StepContext, evaluate, train_one_epoch
+from ssv2prep.train.loop import StepContext, evaluate, sum_meter, train_one_epoch
 from ssv2prep.train.metrics import Meter, video_metrics
 from ssv2prep.train.report import MetricsLog, plot_run
 from ssv2prep.train.schedule import lr_factor, scaled_lr
@@ -310,8 +310,9 @@ def _run_epoch(
 ) -> dict[str, Any] | None:
     skip, state.epoch_step = state.epoch_step, 0  # resuming mid-epoch: the steps of this epoch already done
     train_loader.set_epoch(epoch, skip=skip)
-    meter = Meter(**state.epoch_meter) if skip and state.epoch_meter else Meter()
-    state.epoch_meter = None
+    # The saved sums are already totals over all ranks: one rank carries them on, or they would count twice.
+    saved, state.epoch_meter = (state.epoch_meter if skip else None), None
+    meter = Meter(**saved) if saved is not None and ctx.dist.is_main else Meter()
     epoch_start = state.global_step - skip
     every = cfg.runtime.checkpoint_every
 
@@ -320,15 +321,17 @@ def _run_epoch(
         if (stats["step"] + 1) % cfg.runtime.log_every == 0:
             metrics.write({"kind": "train", "epoch": epoch, **stats})
         done = stats["step"] + 1 - epoch_start
-        if every and done % every == 0 and done < len(train_loader) and ctx.dist.is_main:
-            mid = FitState(
-                epoch=epoch,
-                global_step=stats["step"] + 1,
-                best_top1=state.best_top1,
-                epoch_step=done,
-                epoch_meter={"sums": dict(meter.sums), "counts": dict(meter.counts)},
-            )
-            _save(cfg.out, _checkpoint_state(model, optimizer, scaler, mid, cfg, classes), best=False)
+        if every and done % every == 0 and done < len(train_loader):
+            total = sum_meter(meter, ctx.dist)  # every rank takes part; rank 0 saves
+            if ctx.dist.is_main:
+                mid = FitState(
+                    epoch=epoch,
+                    global_step=stats["step"] + 1,
+                    best_top1=state.best_top1,
+                    epoch_step=done,
+                    epoch_meter={"sums": total.sums, "counts": total.counts},
+                )
+                _save(cfg.out, _checkpoint_state(model, optimizer, scaler, mid, cfg, classes), best=False)
 
     summary = train_one_epoch(
         net,
