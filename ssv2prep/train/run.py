@@ -133,7 +133,14 @@ def _lr_setter(
 
 
 def _checkpoint_state(
-    model: nn.Module, optimizer: Any, scaler: Any, state: FitState, cfg: TrainConfig, classes: list[str]
+    model: nn.Module,
+    optimizer: Any,
+    scaler: Any,
+    state: FitState,
+    cfg: TrainConfig,
+    classes: list[str],
+    *,
+    steps_per_epoch: int,
 ) -> dict[str, Any]:
     return {
         "model": model.state_dict(),
@@ -144,6 +151,7 @@ def _checkpoint_state(
         "best_top1": state.best_top1,
         "epoch_step": state.epoch_step,
         "epoch_meter": state.epoch_meter,
+        "steps_per_epoch": steps_per_epoch,
         "config": cfg.to_dict(),
         "model_config": model.cfg.to_dict(),  # type: ignore[union-attr]
         "classes": classes,
@@ -151,7 +159,9 @@ def _checkpoint_state(
     }
 
 
-def _resume(run_dir: Path, model: nn.Module, optimizer: Any, scaler: Any, metrics: MetricsLog) -> FitState:
+def _resume(
+    run_dir: Path, model: nn.Module, optimizer: Any, scaler: Any, metrics: MetricsLog, *, steps_per_epoch: int
+) -> FitState:
     path = run_dir / "last.pt"
     if not path.is_file():
         return FitState()
@@ -164,21 +174,34 @@ def _resume(run_dir: Path, model: nn.Module, optimizer: Any, scaler: Any, metric
         raise CheckpointError(f"{path}: cannot resume from it ({' '.join(str(exc).split())[:300]})") from exc
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
-    metrics.truncate_after(ckpt["global_step"])
-    epoch_step = int(ckpt.get("epoch_step", 0))
+    epoch_step, global_step, meter = int(ckpt.get("epoch_step", 0)), int(ckpt["global_step"]), ckpt.get("epoch_meter")
+    saved_steps = int(ckpt.get("steps_per_epoch", steps_per_epoch))
+    metrics.truncate_after(global_step if saved_steps == steps_per_epoch else global_step - epoch_step)
+    if saved_steps != steps_per_epoch:
+        # Another world size or batch size: steps mean something else now. Count the lr schedule in the new
+        # steps from the last finished epoch, and restart an interrupted epoch from its beginning.
+        log.warning(
+            "%s was saved with %d steps per epoch, this run has %d (world size or batch size changed): continuing "
+            "from the start of epoch %d (the lr schedule counts in the new steps)",
+            path,
+            saved_steps,
+            steps_per_epoch,
+            ckpt["epoch"] + 1,
+        )
+        epoch_step, global_step, meter = 0, ckpt["epoch"] * steps_per_epoch, None
     log.info(
         "resuming %s at epoch %d, step %d of it (step %d overall)",
         run_dir,
         ckpt["epoch"],
         epoch_step,
-        ckpt["global_step"],
+        global_step,
     )
     return FitState(
         epoch=ckpt["epoch"],
-        global_step=ckpt["global_step"],
+        global_step=global_step,
         best_top1=ckpt["best_top1"],
         epoch_step=epoch_step,
-        epoch_meter=ckpt.get("epoch_meter"),
+        epoch_meter=meter,
     )
 
 
@@ -231,7 +254,7 @@ def _fit(cfg: TrainConfig, info: DistInfo, emit: Callable[[str, dict[str, Any]],
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", cfg.to_dict() | {"classes": classes, "base_lr": base_lr})
-    state = _resume(run_dir, model, optimizer, scaler, metrics)
+    state = _resume(run_dir, model, optimizer, scaler, metrics, steps_per_epoch=len(train_loader))
     net: nn.Module = model
     if info.distributed:
         net = nn.parallel.DistributedDataParallel(
@@ -331,7 +354,9 @@ def _run_epoch(
                     epoch_step=done,
                     epoch_meter={"sums": total.sums, "counts": total.counts},
                 )
-                _save(cfg.out, _checkpoint_state(model, optimizer, scaler, mid, cfg, classes), best=False)
+                steps = len(train_loader)
+                ckpt = _checkpoint_state(model, optimizer, scaler, mid, cfg, classes, steps_per_epoch=steps)
+                _save(cfg.out, ckpt, best=False)
 
     summary = train_one_epoch(
         net,
@@ -363,7 +388,8 @@ def _run_epoch(
     if improved:
         state.best_top1 = evaluation["top1"]  # type: ignore[index]
     if ctx.dist.is_main:
-        _save(cfg.out, _checkpoint_state(model, optimizer, scaler, state, cfg, classes), best=improved)
+        ckpt = _checkpoint_state(model, optimizer, scaler, state, cfg, classes, steps_per_epoch=len(train_loader))
+        _save(cfg.out, ckpt, best=improved)
         plot_run(cfg.out)
     barrier(ctx.dist)
     return evaluation

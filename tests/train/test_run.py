@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -168,6 +170,37 @@ def test_resume_mid_epoch_continues_exactly_with_dropout(tiny_shards: Path, tmp_
     assert final["epoch_step"] == 0 and final["global_step"] == 6
     for name, value in ref_final["model"].items():
         torch.testing.assert_close(final["model"][name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_with_another_batch_size_restarts_the_interrupted_epoch(
+    tiny_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_shards, out, epochs=2)
+    cfg = TrainConfig(
+        **{**{f: getattr(cfg, f) for f in ("train", "val", "out", "model", "data", "optim")}},
+        runtime=RuntimeConfig(device="cpu", log_every=1, checkpoint_every=1),
+    )
+
+    def crash_at_step_4(kind: str, data: dict) -> None:
+        if kind == "step" and data["step"] == 4:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        fit(cfg, on_event=crash_at_step_4)  # 3 steps per epoch: stopped after step 1 of epoch 1
+    smaller = TrainConfig(
+        **{**{f: getattr(cfg, f) for f in ("train", "val", "out", "model", "optim", "runtime")}},
+        data=DataConfig(**{**dataclasses.asdict(cfg.data), "batch_size": 2}),
+    )
+    with caplog.at_level(logging.WARNING, logger="ssv2prep.train.run"):
+        fit(smaller)  # 6 steps per epoch now
+    assert "saved with 3 steps per epoch, this run has 6" in caplog.text
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert (last["epoch"], last["epoch_step"], last["global_step"], last["steps_per_epoch"]) == (2, 0, 12, 6)
+    records = read_metrics(out / "metrics.jsonl")
+    # epoch 0 in the old steps (0-2, its epoch record at 3), epoch 1 again from its start in the new ones (6-11)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [0, 1, 2, *range(6, 12)]
+    assert [(r["epoch"], r["step"], r["steps"]) for r in records if r["kind"] == "epoch"] == [(1, 3, 3), (2, 12, 6)]
 
 
 def test_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_shards: Path, tmp_path: Path) -> None:
