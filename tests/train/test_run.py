@@ -315,8 +315,8 @@ def test_predict_agrees_with_eval_on_a_video(
         assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 100) < 0.5
 
 
-def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [
+def torchrun_command(*args: str) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -327,7 +327,10 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         "ssv2prep",
         *args,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(torchrun_command(*args), capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 @pytest.mark.slow
@@ -378,6 +381,35 @@ def test_torchrun_two_processes_train_and_eval_like_one(trained: Path, tiny_shar
     assert [r["videos"] for r in evals] == [4, 4]
     config = json.loads((out / "config.json").read_text())
     assert config["base_lr"] == pytest.approx(0.01)  # --no-lr-scaling
+    # the same run killed inside an epoch and resumed, both times under torchrun, continues exactly
+    killed = tmp_path / "ddp-killed"
+    cmd = torchrun_command("train", "--data", str(tiny_shards), "--out", str(killed), *args)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _saved_epoch_step(killed / "last.pt") < 1:
+        time.sleep(0.01)
+    # SIGTERM, as a spot instance gets: the torchrun agent stops its workers (SIGKILL would leave them running)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert 0 < torch.load(killed / "last.pt", weights_only=True)["global_step"] < 6
+    proc = torchrun("train", "--data", str(tiny_shards), "--out", str(killed), *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ref, got = train_losses(out), train_losses(killed)
+    assert [s for s, _ in got] == [s for s, _ in ref] == list(range(6))
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in ref], rtol=1e-5)
+    ref_epochs = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "epoch"]
+    got_epochs = [r["loss"] for r in read_metrics(killed / "metrics.jsonl") if r["kind"] == "epoch"]
+    np.testing.assert_allclose(got_epochs, ref_epochs, rtol=1e-5)  # both ranks' losses, counted once
+
+
+def _saved_epoch_step(path: Path) -> int:
+    """The `epoch_step` of a checkpoint, or -1 while there is none (it appears by an atomic rename)."""
+    try:
+        return int(torch.load(path, weights_only=True)["epoch_step"])
+    except FileNotFoundError:
+        return -1
 
 
 def test_trained_sizes_come_from_the_checkpoint_unless_given(trained: Path, tmp_path: Path) -> None:
