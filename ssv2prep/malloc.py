@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import platform
 import resource
+from collections.abc import Callable
 
 from ssv2prep.errors import ConfigError
 
@@ -38,7 +39,7 @@ _TRIM_NEVER = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimmin
 _state = {"mode": SYSTEM}
 
 
-def _glibc_mallopt() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _glibc_mallopt() -> Callable[[int, int], int] | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
