@@ -103,7 +103,9 @@ def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool, malloc: str
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     _setup_logging(verbose, quiet)
-    configure_malloc(malloc)
+    in_effect = configure_malloc(malloc)
+    if in_effect != malloc:  # not glibc, or `kept` was applied earlier in this process
+        logging.getLogger("ssv2prep").debug("--malloc %s asked for; the process runs with %s", malloc, in_effect)
     os.environ[MALLOC_ENV_VAR] = malloc  # stages that `run` and `demo` start as subprocesses follow the choice
 
 
