@@ -447,7 +447,7 @@ def _prepared(
         try:
             request = cfg.planner(sample, rng)
             if replay:
-                replay -= 1
+                replay, in_a_row = replay - 1, 0
                 continue
             item = (request, cfg.finisher(request)) if cfg.decode_in_worker else (predecode_video(request), None)
         except SampleError as exc:
