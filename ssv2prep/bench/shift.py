@@ -217,31 +217,31 @@ def _model_rows(
         for v, m, s, f in zip(variants, medians.seconds, medians.inside, medians.faults, strict=True)
     ]
     baseline = rows[0]["median_ms"]
-    _add_ratios(rows, baseline_ms=baseline, key_fields=("shift_div", "shift_mode", "shift_place"))
-    official_shift = {_key(r): r["shift_ms"] for r in rows if r["impl"] == OFFICIAL}
+    _add_ratios(rows, baseline_ms=baseline, key_fields=MODEL_CASE)
+    official_shift = {_key(r, MODEL_CASE): r["shift_ms"] for r in rows if r["impl"] == OFFICIAL}
     for row in rows:
+        ref = official_shift.get(_key(row, MODEL_CASE)) if row["impl"] == OURS else None
         row["shift_overhead"] = row["shift_ms"] / baseline
-        row["shift_ours_over_official"] = (
-            row["shift_ms"] / official_shift[_key(row)] if row["impl"] == OURS and official_shift[_key(row)] else None
-        )
+        row["shift_ours_over_official"] = row["shift_ms"] / ref if ref else None
     return rows
 
 
-def _key(row: dict[str, Any]) -> tuple[str, ...]:
-    return tuple(str(row[f]) for f in ("shift_div", "shift_mode", "shift_place"))
+# The fields that tell a model row's shift settings apart, and an op row's case (rows of one backbone and batch).
+MODEL_CASE = ("shift_div", "shift_mode", "shift_place")
+OP_CASE = ("shape", "pass", "shift_mode")
 
 
-def _add_ratios(rows: list[dict[str, Any]], *, baseline_ms: float | None, key_fields: tuple[str, ...]) -> None:
+def _key(row: dict[str, Any], fields: Sequence[str]) -> tuple[str, ...]:
+    return tuple(str(row.get(f)) for f in fields)
+
+
+def _add_ratios(rows: list[dict[str, Any]], *, baseline_ms: float | None, key_fields: Sequence[str]) -> None:
     """Add `overhead_vs_no_shift` (time / baseline) and `ours_over_official` (ours / zeros-copy, same settings)."""
-
-    def key(row: dict[str, Any]) -> tuple[str, ...]:
-        return tuple(str(row[f]) for f in key_fields)
-
-    official = {key(r): r["median_ms"] for r in rows if r["impl"] == OFFICIAL}
+    official = {_key(r, key_fields): r["median_ms"] for r in rows if r["impl"] == OFFICIAL}
     for row in rows:
         if baseline_ms is not None:
             row["overhead_vs_no_shift"] = row["median_ms"] / baseline_ms
-        row["ours_over_official"] = row["median_ms"] / official[key(row)] if row["impl"] == OURS else None
+        row["ours_over_official"] = row["median_ms"] / official[_key(row, key_fields)] if row["impl"] == OURS else None
 
 
 def _op_forward(shift: ShiftFn, x: torch.Tensor, segments: int, mode: str) -> Timed:
@@ -285,7 +285,7 @@ def _op_rows(
         {"shape": list(shape), "pass": p, "shift_mode": mode, "impl": impl, "median_ms": m * 1e3, "faults_per_call": f}
         for (p, mode, impl), m, f in zip(cases, medians.seconds, medians.faults, strict=True)
     ]
-    _add_ratios(rows, baseline_ms=None, key_fields=("shape", "pass", "shift_mode"))
+    _add_ratios(rows, baseline_ms=None, key_fields=OP_CASE)
     return rows
 
 
@@ -328,16 +328,11 @@ def _bench_in_child(malloc: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return run_shift_bench(**kwargs)
 
 
-def _row_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    fields = ("backbone", "batch_size", "shift_div", "shift_mode", "shift_place", "impl", "shape", "pass")
-    return tuple(str(row.get(f)) for f in fields)
-
-
-def _add_malloc_ratios(rows: list[dict[str, Any]]) -> None:
+def _add_malloc_ratios(rows: list[dict[str, Any]], fields: Sequence[str]) -> None:
     """`kept_over_system`: a row's median / the same row's median under the system allocator (None without it)."""
-    system = {_row_key(r): r["median_ms"] for r in rows if r["malloc"] == SYSTEM}
+    system = {_key(r, fields): r["median_ms"] for r in rows if r["malloc"] == SYSTEM}
     for row in rows:
-        ref = system.get(_row_key(row))
+        ref = system.get(_key(row, fields))
         row["kept_over_system"] = row["median_ms"] / ref if row["malloc"] == KEPT and ref else None
 
 
@@ -427,8 +422,8 @@ def run_shift_bench(
             mode_rows, mode_ops = child["rows"], child["op_rows"]
         rows += mode_rows
         op_rows += mode_ops
-    _add_malloc_ratios(rows)
-    _add_malloc_ratios(op_rows)
+    _add_malloc_ratios(rows, ("backbone", "batch_size", *MODEL_CASE, "impl"))
+    _add_malloc_ratios(op_rows, (*OP_CASE, "impl"))
     settings = {
         **kwargs,
         "malloc_modes": modes,

@@ -114,20 +114,24 @@ def split_list(value: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in value.split(",") if s.strip())
 
 
+N = TypeVar("N", int, float)
+
+
+def _number_list(option: str, value: str, kind: Callable[[str], N], what: str) -> tuple[N, ...]:
+    try:
+        return tuple(kind(v) for v in split_list(value))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated {what}, got {value!r}", param_hint=option) from None
+
+
 def int_list(option: str, value: str) -> tuple[int, ...]:
     """A comma-separated list of integers, or a one-line usage error naming the option."""
-    try:
-        return tuple(int(v) for v in split_list(value))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}", param_hint=option) from None
+    return _number_list(option, value, int, "integers")
 
 
 def float_list(option: str, value: str) -> tuple[float, ...]:
     """A comma-separated list of numbers, or a one-line usage error naming the option."""
-    try:
-        return tuple(float(v) for v in split_list(value))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}", param_hint=option) from None
+    return _number_list(option, value, float, "numbers")
 
 
 F = TypeVar("F", bound=Callable[..., Any])
