@@ -17,6 +17,7 @@ import pytest
 from fixtures import folder_bytes, read_json, shard_config
 from PIL import Image
 
+from ssv2prep.errors import DecodeError
 from ssv2prep.prep.decode import INTERPOLATIONS, Resize, container_truncation, count_video_frames, decode_video
 from ssv2prep.prep.decode import ffmpeg_binary as _ffmpeg
 from ssv2prep.prep.prepare import shard_dataset
@@ -151,11 +152,26 @@ def test_truncation_is_read_from_the_container(clips: Path) -> None:
     assert container_truncation(whole) is None and container_truncation(clips / "videos" / "offset.webm") is None
     reason = container_truncation(cut)
     assert reason and f"has {cut.stat().st_size} bytes" in reason
-    with pytest.raises(Exception, match="truncated") as info:
+    with pytest.raises(DecodeError, match="truncated") as info:
         count_video_frames(cut)  # --format video validates the same way
     assert info.value.reason == "truncated"
     probed, count = count_video_frames(clips / "videos" / "offset.webm")
     assert count == probed.expected_frames == 18  # the start offset no longer inflates the estimate
+
+
+def test_truncation_of_an_mp4(tmp_path: Path) -> None:
+    """MP4 top-level boxes: a file cut inside `mdat` (moov first, as `-movflags +faststart` writes) is truncated."""
+    mp4 = tmp_path / "whole.mp4"
+    _ff(*_testsrc("64x48", 12, 1), "-c:v", "mpeg4", "-movflags", "+faststart", str(mp4))
+    assert container_truncation(mp4) is None and decode_video(mp4).num_frames == 12
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(mp4.read_bytes()[: mp4.stat().st_size - 100])
+    assert (
+        container_truncation(cut)
+        == f"truncated: the file has {cut.stat().st_size} bytes but its container declares {mp4.stat().st_size}"
+    )
+    with pytest.raises(DecodeError, match="truncated"):
+        decode_video(cut, decoder="ffmpeg")
 
 
 RULES = {
