@@ -3,7 +3,7 @@
 Decoders (who turns the VP9 stream into YUV frames):
 - `pyav` (default): in-process with PyAV's bundled FFmpeg libraries, one codec thread. No process start per video.
 - `ffmpeg`: an `ffmpeg` binary (PATH first, else the static one imageio-ffmpeg ships) run through ffmpeg-python,
-  writing raw YUV 4:2:0 frames to a pipe. For users who need a given build.
+  writing raw frames (the stream's pixel format) to a pipe. For users who need a given build.
 
 Everything after decoding is the same code for both decoders (scaling, colour conversion, JPEG encoding all run in
 this process), so the two give byte-identical frames, scaled or not. The ffmpeg binary hands over the stream's own
@@ -26,6 +26,8 @@ JPEG encoders (`encoder=`):
   TSM recipe's `-q:v 0` gives.
 - `pillow`: libjpeg(-turbo) through Pillow at exactly `quality`, from RGB frames (the YUV planes are scaled first,
   then converted). Slower; for users who want libjpeg's quality scale exactly.
+Both keep the source's chroma layout as the official recipe's ffmpeg does: 4:2:0 JPEGs from 4:2:0 video (SSv2),
+4:4:4 from 4:4:4 and RGB video (RGB converted with BT.601, as JPEG readers assume).
 
 Failures raise `DecodeError` / `TooFewFramesError` with a one-line reason.
 """
@@ -161,8 +163,7 @@ def jpeg_layout(frame_format: Any) -> tuple[str, int]:
     VideoFormat)."""
     if frame_format.is_rgb:
         return _JPEG_LAYOUTS[(0, 0)]
-    w, h = frame_format.width or 64, frame_format.height or 64
-    shifts = (int(w > frame_format.chroma_width(w)), int(h > frame_format.chroma_height(h)))
+    shifts = (int(frame_format.chroma_width(64) < 64), int(frame_format.chroma_height(64) < 64))
     return _JPEG_LAYOUTS.get(shifts, _JPEG_LAYOUTS[(1, 1)])
 
 
