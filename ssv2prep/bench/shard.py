@@ -2,8 +2,10 @@
 
 - ours: `shard_dataset` (PyAV decode, FFmpeg's mjpeg or Pillow JPEG, tar shards + index), short side 256 like the
   official recipe; and the same with `--format video` (no decoding to JPEG, only validation).
-- official: the official TSM extraction, one `ffmpeg -threads 1 -vf scale=-1:256 -q:v 0 DIR/%06d.jpg` process per
-  video into one folder per video, W processes at a time; the same ffmpeg binary `--decoder ffmpeg` would use.
+- official: the official TSM extraction, one `ffmpeg -threads 1 -vf scale=-1:256:flags=bicubic -q:v 0 DIR/%06d.jpg`
+  process per video into one folder per video, W processes at a time; the same ffmpeg binary `--decoder ffmpeg`
+  would use. bicubic is the scale filter's default (the official recipe as written); it is spelled out so both sides
+  always scale with the same `interpolation`.
 - bound: a bare loop of our decoder + JPEG encoder in W processes, writing nothing.
 
 Every method runs on the same videos with the same number of worker processes; the result holds videos/s and
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ssv2prep.errors import ConfigError, Ssv2PrepError
-from ssv2prep.prep.decode import decode_video, ffmpeg_binary
+from ssv2prep.prep.decode import Resize, decode_video, ffmpeg_binary
 from ssv2prep.prep.prepare import ShardConfig, shard_dataset
 from ssv2prep.prep.shard import WriterSettings
 
@@ -55,6 +57,7 @@ class ShardBenchConfig:
     short_side: int = 256
     quality: int = 90
     encoder: str = "ffmpeg"
+    interpolation: str = "bicubic"  # both ours and the official baseline scale with it
     repeats: int = 1  # interleaved repetitions; the fastest of each method is reported, all are kept
     work_dir: Path | None = None
     seed: int = 0
@@ -117,7 +120,9 @@ def _row(
 
 def _run_ours(videos_dir: Path, labels: Path, out: Path, workers: int, n: int, cfg: ShardBenchConfig, fmt: str):
     short_side = cfg.short_side if fmt == "frames" else None
-    writer = WriterSettings(format=fmt, quality=cfg.quality, short_side=short_side, encoder=cfg.encoder)
+    writer = WriterSettings(
+        format=fmt, quality=cfg.quality, short_side=short_side, encoder=cfg.encoder, interpolation=cfg.interpolation
+    )
     scfg = ShardConfig(
         videos_dir=videos_dir,
         labels_dir=labels,
@@ -138,8 +143,8 @@ def _run_ours(videos_dir: Path, labels: Path, out: Path, workers: int, n: int, c
     )
 
 
-def _official_one(args: tuple[str, Path, Path, int]) -> None:
-    binary, video, out_dir, short_side = args
+def _official_one(args: tuple[str, Path, Path, int, str]) -> None:
+    binary, video, out_dir, short_side, interpolation = args
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
         binary,
@@ -151,7 +156,7 @@ def _official_one(args: tuple[str, Path, Path, int]) -> None:
         "-threads",
         "1",
         "-vf",
-        f"scale=-1:{short_side}",
+        f"scale=-1:{short_side}:flags={interpolation}",
         "-q:v",
         "0",
         str(out_dir / "%06d.jpg"),
@@ -161,7 +166,7 @@ def _official_one(args: tuple[str, Path, Path, int]) -> None:
 
 def _run_official(videos: list[Path], out: Path, workers: int, cfg: ShardBenchConfig) -> dict[str, Any]:
     binary = ffmpeg_binary()
-    jobs = [(binary, v, out / v.stem, cfg.short_side) for v in videos]
+    jobs = [(binary, v, out / v.stem, cfg.short_side, cfg.interpolation) for v in videos]
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(_official_one, jobs))
@@ -172,9 +177,10 @@ def _run_official(videos: list[Path], out: Path, workers: int, cfg: ShardBenchCo
     )
 
 
-def _bound_chunk(args: tuple[list[Path], int, int, str]) -> int:
-    videos, short_side, quality, encoder = args
-    return sum(decode_video(v, short_side=short_side, quality=quality, encoder=encoder).num_frames for v in videos)
+def _bound_chunk(args: tuple[list[Path], int, int, str, str]) -> int:
+    videos, short_side, quality, encoder, interpolation = args
+    resize = Resize(short_side=short_side, interpolation=interpolation)
+    return sum(decode_video(v, resize=resize, quality=quality, encoder=encoder).num_frames for v in videos)
 
 
 def _noop(_: int) -> int:
@@ -182,7 +188,7 @@ def _noop(_: int) -> int:
 
 
 def _run_bound(videos: list[Path], workers: int, cfg: ShardBenchConfig) -> dict[str, Any]:
-    chunks = [(videos[i::workers], cfg.short_side, cfg.quality, cfg.encoder) for i in range(workers)]
+    chunks = [(videos[i::workers], cfg.short_side, cfg.quality, cfg.encoder, cfg.interpolation) for i in range(workers)]
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
         list(pool.map(_noop, range(workers)))  # start the workers before the clock
         start = time.perf_counter()

@@ -176,6 +176,12 @@ def _print_summaries(summaries: dict[str, Any], out_dir: Path) -> None:
             reasons,
         )
     out.print(table)
+    mismatched = sum(s.frame_count_mismatch for s in summaries.values())
+    if mismatched:
+        out.print(
+            f"{mismatched} videos decoded fully to a frame count their header disagrees with "
+            "(kept; see frame_count_mismatch in the manifests)"
+        )
 
 
 @main.command()
@@ -217,6 +223,20 @@ def _print_summaries(summaries: dict[str, Any], out_dir: Path) -> None:
 )
 @click.option("--short-side", type=int, default=None, help="Scale frames so the short side has S pixels.")
 @click.option(
+    "--height",
+    type=int,
+    default=None,
+    help="Scale frames to H pixels high, width from the aspect ratio: the official recipe's scale=-1:H "
+    "(differs from --short-side on portrait videos; give one of the two).",
+)
+@click.option(
+    "--interpolation",
+    type=click.Choice(["bicubic", "bilinear", "area", "lanczos", "point"]),
+    default="bicubic",
+    show_default=True,
+    help="libswscale scaling method; bicubic is ffmpeg's scale filter default, so frames equal the official recipe's.",
+)
+@click.option(
     "--format",
     "fmt",
     type=click.Choice(["frames", "video"]),
@@ -245,6 +265,8 @@ def shard(
     quality: int,
     jpeg_encoder: str,
     short_side: int | None,
+    height: int | None,
+    interpolation: str,
     fmt: str,
     decoder: str,
     part: str | None,
@@ -276,7 +298,13 @@ def shard(
         part=parse_part(part),
         seed=seed,
         writer=WriterSettings(
-            format=fmt, quality=quality, short_side=short_side, decoder=decoder, encoder=jpeg_encoder
+            format=fmt,
+            quality=quality,
+            short_side=short_side,
+            height=height,
+            interpolation=interpolation,
+            decoder=decoder,
+            encoder=jpeg_encoder,
         ),
         max_failed_fraction=max_failed_fraction,
     )

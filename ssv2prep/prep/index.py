@@ -50,6 +50,7 @@ class SplitSummary:
     num_frames: int
     bytes: int
     failure_reasons: dict[str, int]
+    frame_count_mismatch: int = 0  # ok videos whose decoded count disagrees with their header's estimate
 
 
 def build_index(
@@ -91,6 +92,7 @@ def summarize(split: str, shards: list[ShardStats]) -> SplitSummary:
         num_frames=sum(s.num_frames for s in shards),
         bytes=sum(s.filesize for s in shards),
         failure_reasons=dict(sorted(reasons.items())),
+        frame_count_mismatch=sum(o.frame_count_mismatch for o in outcomes),
     )
 
 
@@ -105,6 +107,7 @@ def build_stats(summary: SplitSummary, shards: list[ShardStats], *, wall_seconds
         "failed": summary.failed,
         "missing": summary.missing,
         "failure_reasons": summary.failure_reasons,
+        "frame_count_mismatch": summary.frame_count_mismatch,
         "num_shards": summary.num_shards,
         "num_frames": summary.num_frames,
         "bytes": summary.bytes,

@@ -22,7 +22,15 @@ from typing import Any, BinaryIO
 from ssv2prep.annotations import VideoRecord
 from ssv2prep.errors import ConfigError, SampleError, ShardError
 from ssv2prep.fsutil import make_temp
-from ssv2prep.prep.decode import JPEG_ENCODERS, count_video_frames, decode_video
+from ssv2prep.prep.decode import (
+    DEFAULT_INTERPOLATION,
+    INTERPOLATIONS,
+    JPEG_ENCODERS,
+    Resize,
+    count_video_frames,
+    counts_disagree,
+    decode_video,
+)
 from ssv2prep.prep.plan import ShardSpec
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,13 @@ class WriterSettings:
     short_side: int | None = None
     decoder: str = "pyav"
     encoder: str = "ffmpeg"
+    height: int | None = None  # the official recipe's `scale=-1:H` (exclusive with short_side)
+    interpolation: str = DEFAULT_INTERPOLATION
+
+    @property
+    def resize(self) -> Resize:
+        """The frame size rule and interpolation these settings ask for."""
+        return Resize(short_side=self.short_side, height=self.height, interpolation=self.interpolation)
 
     def validate(self) -> None:
         """Raise ConfigError on a bad value."""
@@ -60,11 +75,19 @@ class WriterSettings:
             raise ConfigError(f"--jpeg-encoder must be one of {list(JPEG_ENCODERS)} (got {self.encoder!r})")
         if self.short_side is not None and self.short_side < 8:
             raise ConfigError(f"--short-side must be >= 8 pixels (got {self.short_side})")
+        if self.height is not None and self.height < 8:
+            raise ConfigError(f"--height must be >= 8 pixels (got {self.height})")
+        if self.short_side is not None and self.height is not None:
+            raise ConfigError("--short-side and --height are exclusive: give one")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"--interpolation must be one of {list(INTERPOLATIONS)} (got {self.interpolation!r})")
 
 
 @dataclass(frozen=True, slots=True)
 class SampleOutcome:
-    """One manifest line: `id`, `label`, `status`, `error`, `reason`, `shard`, `num_frames`."""
+    """One manifest line: `id`, `label`, `status`, `error`, `reason`, `shard`, `num_frames`, plus `header_frames`
+    (the container header's frame estimate, null when it gives none) and `frame_count_mismatch` (an ok video whose
+    decoded count disagrees with that estimate beyond rounding: recorded, not failed)."""
 
     id: str
     label: int | None
@@ -73,6 +96,8 @@ class SampleOutcome:
     error: str | None = None
     reason: str | None = None
     num_frames: int | None = None
+    header_frames: int | None = None
+    frame_count_mismatch: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The manifest object (status as its string value)."""
@@ -164,27 +189,32 @@ def _sample_json(record: VideoRecord, meta: dict[str, Any], source: str) -> byte
     return json.dumps(obj, ensure_ascii=False, sort_keys=False).encode("utf-8")
 
 
-def _encode_sample(record: VideoRecord, video: Path, settings: WriterSettings) -> list[tuple[str, bytes]]:
-    """Decode one video into the tar members of its sample (raises SampleError subclasses)."""
+def _encode_sample(
+    record: VideoRecord, video: Path, settings: WriterSettings
+) -> tuple[list[tuple[str, bytes]], int | None]:
+    """Decode one video into the tar members of its sample and the header's frame estimate (raises SampleError
+    subclasses)."""
     key = record.video_id
     if settings.format == "frames":
         decoded = decode_video(
             video,
             decoder=settings.decoder,
             quality=settings.quality,
-            short_side=settings.short_side,
             encoder=settings.encoder,
+            resize=settings.resize,
         )
         meta = {"num_frames": decoded.num_frames, "fps": decoded.fps, "width": decoded.width, "height": decoded.height}
         payload = [(f"{key}.{i:06d}.jpg", jpg) for i, jpg in enumerate(decoded.jpegs)]
+        header_frames = decoded.header_frames
     else:
         probed, count = count_video_frames(video)
         meta = {"num_frames": count, "fps": probed.fps, "width": probed.width, "height": probed.height}
         payload = [(f"{key}{video.suffix}", video.read_bytes())]
+        header_frames = probed.expected_frames
     members = [(f"{key}.json", _sample_json(record, meta, video.name))]
     if record.label is not None:
         members.append((f"{key}.cls", str(record.label).encode("ascii")))
-    return members + payload
+    return members + payload, header_frames
 
 
 def _one_sample(
@@ -195,7 +225,7 @@ def _one_sample(
         err = f"no video file {record.video_id}.webm in {videos_dir}"
         return SampleOutcome(record.video_id, record.label, SampleStatus.MISSING, shard, err, "missing"), []
     try:
-        members = _encode_sample(record, video, settings)
+        members, header_frames = _encode_sample(record, video, settings)
     except Exception as exc:  # the per-sample boundary: a bad video must not stop the other 220k
         if on_error == "raise":
             raise
@@ -204,7 +234,19 @@ def _one_sample(
         log.debug("sample %s failed: %s", record.video_id, message)
         return SampleOutcome(record.video_id, record.label, SampleStatus.FAILED, shard, message, reason), []
     frames = json.loads(members[0][1])["num_frames"]
-    return SampleOutcome(record.video_id, record.label, SampleStatus.OK, shard, num_frames=frames), members
+    mismatch = counts_disagree(frames, header_frames)
+    if mismatch:
+        log.debug("sample %s: decoded %d frames, the header suggests about %d", record.video_id, frames, header_frames)
+    outcome = SampleOutcome(
+        record.video_id,
+        record.label,
+        SampleStatus.OK,
+        shard,
+        num_frames=frames,
+        header_frames=header_frames,
+        frame_count_mismatch=mismatch,
+    )
+    return outcome, members
 
 
 def write_shard(

@@ -22,8 +22,10 @@ def test_bench_shard_rows_and_ratios(synth_tiny, tmp_path: Path) -> None:
     # The same frames everywhere: every decoded frame became one JPEG (a folder file for the official recipe).
     assert rows["ours-frames"]["frames"] == rows["ours-video"]["frames"] == rows["bound"]["frames"] == frames
     assert rows["official"]["files"] == frames
-    # quality 90 maps to the official recipe's quantizer, so the JPEG bytes on disk agree closely.
-    assert 0.9 < result["ratios"][0]["bytes_ours_vs_official"] < 1.15
+    # quality 90 maps to the official recipe's quantizer and both scale bicubic, so the JPEGs are the same size up
+    # to ffmpeg's comment marker; ours add a 512-byte tar header and padding per member, a lot beside these tiny
+    # (~2.7 KB) frames.
+    assert 1.0 < result["ratios"][0]["bytes_ours_vs_official"] < 1.3
     for kind in KINDS:  # the reported row is the faster of the two repeats
         speeds = [r["videos_per_s"] for r in result["runs"] if r["kind"] == kind]
         assert rows[kind]["videos_per_s"] == max(speeds) and len(speeds) == 2

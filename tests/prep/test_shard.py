@@ -21,7 +21,7 @@ from PIL import Image
 
 from ssv2prep.annotations import load_annotations
 from ssv2prep.errors import AnnotationError, ConfigError
-from ssv2prep.prep.decode import decode_video, ffmpeg_binary, ffmpeg_qscale
+from ssv2prep.prep.decode import Resize, decode_video, ffmpeg_binary, ffmpeg_qscale
 from ssv2prep.prep.prepare import WORK_DIR, TooManyFailuresError, shard_dataset
 from ssv2prep.prep.shard import WriterSettings
 
@@ -296,6 +296,8 @@ def test_short_side_scales_frames(synth_tiny, tmp_path: Path) -> None:
     )
     index = read_json(out / "ssv2-validation.json")
     assert index["short_side"] == 32 and index["settings"]["encoder"] == "ffmpeg"
+    # The size rule and the interpolation are part of the settings (they change every frame's bytes).
+    assert (index["settings"]["height"], index["settings"]["interpolation"]) == (None, "bicubic")
     for s in wds.WebDataset([str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False):
         meta = json.loads(s["json"])
         assert meta["height"] == 32 and Image.open(io.BytesIO(s["000000.jpg"])).size == (meta["width"], 32)
@@ -319,6 +321,30 @@ def test_scaled_frames_match_a_one_pass_rgb_scale(synth_tiny, encoder: str) -> N
     for jpg, ref in zip(ours.jpegs, reference, strict=True):
         got = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"), np.int16)
         assert got.shape == ref.shape and np.abs(got - ref).mean() < 3.0
+
+
+def test_sizes_round_as_ffmpeg_scale(tmp_path: Path) -> None:
+    """90x60 at 51 px: 76.5 rounds half away from zero in ffmpeg (77), not to even as Python's round does (76)."""
+    src = tmp_path / "one.jpg"
+    cmd = [ffmpeg_binary(), "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=90x60:rate=1"]
+    subprocess.run([*cmd, "-frames:v", "1", "-vf", "scale=-1:51", str(src)], check=True)
+    assert Resize(height=51).size(90, 60) == Image.open(src).size == (77, 51)
+    assert Resize(short_side=51).size(60, 90) == (51, 77) and Resize(height=51).size(60, 90) == (34, 51)
+    assert Resize().size(60, 90) == (60, 90)
+
+
+@pytest.mark.parametrize(
+    ("writer", "message"),
+    [
+        (WriterSettings(short_side=64, height=64), "--short-side and --height are exclusive"),
+        (WriterSettings(height=4), "--height must be >= 8"),
+        (WriterSettings(interpolation="cubic"), "--interpolation must be one of"),
+    ],
+)
+def test_bad_scaling_settings_are_refused(synth_tiny, tmp_path: Path, writer: WriterSettings, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        shard_dataset(shard_config(synth_tiny.videos_dir, synth_tiny.labels_dir, tmp_path / "o", writer=writer))
+    assert not list(tmp_path.glob("o/*.tar"))
 
 
 def test_quality_maps_to_the_ffmpeg_quantizer() -> None:
