@@ -15,8 +15,8 @@ is a block of a caption (class name, video id, frame count, wrapped to the sheet
 
 Both rows go through the loader's own `ClipPlanner` and `ClipFinisher`, so they are what training and validation
 see; each tile is then downscaled to `tile_px` and stamped with its 0-based frame number in the top-left corner.
-Sheet geometry (see `contact_sheet_size`): width `ROW_LABEL_PX + T * tile_px`, height
-the sum over videos of `lines * LINE_PX + CAPTION_PAD_PX + 2 * tile_px + GAP_PX`, at most `MAX_VIDEOS_PER_SHEET` videos per PNG.
+Sheet geometry (see `contact_sheet_size`): width `ROW_LABEL_PX + T * tile_px`, height the sum over videos of
+`lines * LINE_PX + CAPTION_PAD_PX + 2 * tile_px + GAP_PX`, at most `MAX_VIDEOS_PER_SHEET` videos per PNG.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import io
 import json
 import logging
 import math
-import textwrap
 import re
 import tarfile
+import textwrap
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
