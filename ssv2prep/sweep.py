@@ -111,8 +111,8 @@ def _rows(results: list[VariantResult]) -> tuple[list[str], list[list[Any]]]:
 
 
 def comparison_figure(results: list[VariantResult], crop: int, num_classes: int) -> Any:
-    """A matplotlib Figure of two bar charts (validation top-1 of each variant's first eval setting, with the chance level; latency),
-    every bar labelled with its value."""
+    """A matplotlib Figure of two bar charts, every bar labelled with its value: the top-1 of each variant's first
+    eval setting with the chance level (100 / classes), and the latency per clip."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     names = [r.name for r in results]
