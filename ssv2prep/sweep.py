@@ -124,7 +124,16 @@ def comparison_figure(results: list[VariantResult], crop: int, num_classes: int)
     acc.bar_label(bars, labels=[f"{v:.1f}" for v in top1], fontsize=8)
     chance = 100.0 / num_classes
     acc.axhline(chance, color="tab:red", linestyle="--", linewidth=1)
-    acc.text(len(names) - 0.5, chance, f"chance {chance:.1f}%", color="tab:red", ha="right", va="bottom", fontsize=8)
+    acc.text(
+        len(names) - 0.5,
+        chance + 1,
+        f"chance {chance:.1f}%",
+        color="tab:red",
+        ha="right",
+        va="bottom",
+        fontsize=8,
+        bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+    )
     acc.set_ylabel(f"{first['folder']} top-1 (%), {first['crops']} crop x {first['clips']} clip")
     acc.set_ylim(0, 105)
     acc.set_title("accuracy")
