@@ -209,6 +209,7 @@ def test_synth_help_shows_the_config_defaults() -> None:
     from ssv2prep.prep.synth import SynthConfig
 
     code, out, _ = run("synth", "--help")
+    assert code == 0
     text = " ".join(out.split())
     cfg = SynthConfig()
     for flag, value in (("--pairs", cfg.num_pairs), ("--height", cfg.height), ("--parts", cfg.num_parts)):
