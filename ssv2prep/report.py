@@ -80,7 +80,8 @@ class ReportConfig:
 
     Attributes:
         shard_dir: the prepared folder (indexes, manifests, stats, classes.json, shards).
-        out_dir: where report.md and its PNGs go; default `<shard_dir>/report`.
+        out_dir: where report.md and its PNGs go; default `<shard_dir>-report` beside the shard folder (never
+            inside it, so syncing the shards to a bucket does not carry the report along).
         videos_per_class: videos per class on the contact sheets (0: no contact sheets).
         num_segments: T, frames per clip (as the loader's `DataConfig.num_segments`).
         crop_size: crop side in pixels (as `DataConfig.crop_size`).
@@ -114,8 +115,11 @@ class ReportConfig:
 
     @property
     def resolved_out_dir(self) -> Path:
-        """`out_dir`, or `<shard_dir>/report` when unset."""
-        return self.out_dir if self.out_dir is not None else self.shard_dir / "report"
+        """`out_dir`, or `<shard_dir>-report` beside the shard folder when unset."""
+        if self.out_dir is not None:
+            return self.out_dir
+        shard_dir = self.shard_dir.resolve()
+        return shard_dir.with_name(f"{shard_dir.name}-report")
 
 
 @dataclass(frozen=True, slots=True)

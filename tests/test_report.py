@@ -208,7 +208,8 @@ def test_failures_are_shown_with_reason_and_count(synth_tiny, tmp_path: Path) ->
     cfg = ReportConfig(shards, videos_per_class=1, num_segments=4, max_shards_scanned=1)
     result = write_report(cfg, on_progress=messages.append)
     assert sorted(m.split(":")[0] for m in messages if "scanned shard" in m) == ["test", "train", "validation"]
-    assert result.page == shards / "report" / "report.md"
+    assert result.page == (tmp_path / "shards-report" / "report.md").resolve()  # beside the shards, not inside
+    assert not (shards / "report").exists()
     page = result.page.read_text(encoding="utf-8")
     manifest = read_manifest(shards / "ssv2-train.manifest.jsonl")
     failed = [line for line in manifest if line["status"] == "failed"]

@@ -408,7 +408,7 @@ def verify(shard_dir: Path, no_decode: bool) -> None:
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where the page and PNGs go (default: SHARD_DIR/report).",
+    help="Where the page and PNGs go (default: SHARD_DIR-report beside it).",
 )
 @click.option("--videos-per-class", type=int, default=2, show_default=True, help="Videos per class on contact sheets.")
 @click.option("--segments", type=int, default=8, show_default=True, help="Frames the loader samples per clip.")
