@@ -7,7 +7,7 @@ the tars by random access, never decoding a JPEG) give frame sizes. Without a ma
 scanned sample JSONs stand in for it.
 
 Contact sheets show, per split (train and validation when present), a few seeded videos of every class. Each video
-is a block of a caption line (class name, video id, frame count) and two rows of T tiles:
+is a block of a caption (class name, video id, frame count, wrapped to the sheet's width) and two rows of T tiles:
 
 - `val`: the frames the validation loader samples (segment centres) after the eval transform (short side to
   `scale_size`, centre crop of `crop_size`);
@@ -15,8 +15,8 @@ is a block of a caption line (class name, video id, frame count) and two rows of
 
 Both rows go through the loader's own `ClipPlanner` and `ClipFinisher`, so they are what training and validation
 see; each tile is then downscaled to `tile_px` and stamped with its 0-based frame number in the top-left corner.
-Sheet geometry (see `contact_sheet_size`): width `ROW_LABEL_PX + T * tile_px`, height
-`videos * (CAPTION_PX + 2 * tile_px + GAP_PX)`, at most `MAX_VIDEOS_PER_SHEET` videos per PNG.
+Sheet geometry (see `contact_sheet_size`): width `ROW_LABEL_PX + T * tile_px`, height the sum over videos of
+`lines * LINE_PX + CAPTION_PAD_PX + 2 * tile_px + GAP_PX`, at most `MAX_VIDEOS_PER_SHEET` videos per PNG.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import logging
 import math
 import re
 import tarfile
+import textwrap
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 
 CONTACT_SPLITS = ("train", "validation")
 TILE_PX = 96
-CAPTION_PX = 14
+CAPTION_PAD_PX = 2  # below the caption's last line
 ROW_LABEL_PX = 44
 GAP_PX = 4
 MAX_VIDEOS_PER_SHEET = 32
@@ -60,6 +61,13 @@ PNG_COMPRESS_LEVEL = 3  # video frames barely compress; higher levels cost secon
 MAX_FAILURE_EXAMPLES = 10
 MAX_SIZES_LISTED = 10
 MAX_FRAME_BINS = 100  # one bin per frame count up to this range, then this many bins
+CLASSES_PER_PANEL = 60  # rows of one videos-per-class panel; 174 SSv2 classes -> 3 panels of 58
+CLASS_ROW_IN = 0.17  # inches per class row: room for a CLASS_LABEL_PT label
+CLASS_LABEL_PT = 8
+CLASS_LABEL_CHARS = 100  # only longer names are shortened (SSv2's longest has 84 characters)
+PANEL_WIDTH_IN = 8.5
+BYTES_BINS = 30
+LINE_PX = 12  # one line of contact-sheet caption text in PIL's default font
 UNLABELLED = "(unlabelled)"
 COUNT_KEYS = ("entries", "ok", "failed", "missing", "shards", "frames", "bytes")
 PLOT_NAMES = ("videos_per_class.png", "frames_per_video.png", "frame_sizes.png", "bytes.png", "failures.png")
@@ -72,7 +80,8 @@ class ReportConfig:
 
     Attributes:
         shard_dir: the prepared folder (indexes, manifests, stats, classes.json, shards).
-        out_dir: where report.md and its PNGs go; default `<shard_dir>/report`.
+        out_dir: where report.md and its PNGs go; default `<shard_dir>-report` beside the shard folder (never
+            inside it, so syncing the shards to a bucket does not carry the report along).
         videos_per_class: videos per class on the contact sheets (0: no contact sheets).
         num_segments: T, frames per clip (as the loader's `DataConfig.num_segments`).
         crop_size: crop side in pixels (as `DataConfig.crop_size`).
@@ -106,8 +115,11 @@ class ReportConfig:
 
     @property
     def resolved_out_dir(self) -> Path:
-        """`out_dir`, or `<shard_dir>/report` when unset."""
-        return self.out_dir if self.out_dir is not None else self.shard_dir / "report"
+        """`out_dir`, or `<shard_dir>-report` beside the shard folder when unset."""
+        if self.out_dir is not None:
+            return self.out_dir
+        shard_dir = self.shard_dir.resolve()
+        return shard_dir.with_name(f"{shard_dir.name}-report")
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,25 +387,42 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _plot_videos_per_class(splits: list[_Split], classes: list[str], path: Path) -> Path:
-    """Horizontal grouped bars: ok videos per class (rows), one bar per labelled split."""
+def videos_per_class_figure(splits: list[_Split], classes: list[str]) -> Any:
+    """Horizontal grouped bars: ok videos per class (rows), one bar per labelled split (a matplotlib Figure).
+
+    Classes are laid out in side-by-side panels of at most `CLASSES_PER_PANEL` rows, so at SSv2's 174 classes the
+    names stay at `CLASS_LABEL_PT` points, whole (the end of a name is what tells "..., so it slides down" from
+    "..., so it stays where it is"), and the image stays about twice as wide as it is tall.
+    """
     labelled = [s for s in splits if any(e.label is not None for e in s.ok)]
     num = max(1, len(classes))
-    fig = _figure(9.0, 1.5 + num * (0.1 + 0.05 * max(1, len(labelled))))
-    ax = fig.add_subplot()
-    height = 0.8 / max(1, len(labelled))
-    ys = np.arange(num)
-    for k, split in enumerate(labelled):
-        per = Counter(e.label for e in split.ok if e.label is not None)
-        ax.barh(ys + k * height, [per.get(c, 0) for c in range(num)], height=height, label=split.name)
-    ax.set_yticks(ys + height * (len(labelled) - 1) / 2, [_class_name(classes, c) for c in range(num)], fontsize=6)
-    ax.invert_yaxis()
-    ax.set_xlabel("videos (ok)")
-    _integer_axis(ax.xaxis)
-    ax.set_title("videos per class and split")
-    if labelled:
-        ax.legend(fontsize=8)
-    return _save(fig, path)
+    panels = math.ceil(num / CLASSES_PER_PANEL)
+    rows = math.ceil(num / panels)
+    bars = max(1, len(labelled))
+    fig = _figure(PANEL_WIDTH_IN * panels, 1.2 + rows * max(CLASS_ROW_IN, 0.06 * bars))
+    per_split = [Counter(e.label for e in s.ok if e.label is not None) for s in labelled]
+    top = max([max(per.values(), default=0) for per in per_split], default=0)
+    height = 0.8 / bars
+    for p in range(panels):
+        ax = fig.add_subplot(1, panels, p + 1)
+        ids = list(range(p * rows, min(num, (p + 1) * rows)))
+        ys = np.arange(len(ids))
+        for k, (split, per) in enumerate(zip(labelled, per_split, strict=True)):
+            ax.barh(ys + k * height, [per.get(c, 0) for c in ids], height=height, label=split.name)
+        names = [textwrap.shorten(_class_name(classes, c), CLASS_LABEL_CHARS, placeholder="...") for c in ids]
+        ax.set_yticks(ys + height * (bars - 1) / 2, names, fontsize=CLASS_LABEL_PT)
+        ax.set_ylim(rows - 0.5, -0.5)  # same row height in every panel, first class on top
+        ax.set_xlim(0, max(1, top) * 1.05)
+        ax.set_xlabel("videos (ok)")
+        _integer_axis(ax.xaxis)
+        if p == 0 and labelled:
+            ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"videos per class and split ({len(classes)} classes)")
+    return fig
+
+
+def _plot_videos_per_class(splits: list[_Split], classes: list[str], path: Path) -> Path:
+    return _save(videos_per_class_figure(splits, classes), path)
 
 
 def _plot_frames(splits: list[_Split], path: Path) -> Path:
@@ -432,20 +461,26 @@ def _plot_sizes(splits: list[_Split], path: Path) -> Path:
 
 
 def _plot_bytes(splits: list[_Split], counts: dict[str, dict[str, int]], path: Path) -> Path:
-    """Left: MB of each shard (index order), one line per split. Right: MB per split."""
+    """Left: a histogram of shard sizes per split, from 0 MB. Right: MB per split, one bar each."""
     fig = _figure(11.0, 4.0)
     per_shard, per_split = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for split in splits:
-        sizes = [e.get("filesize") for e in split.index["shardlist"]]
-        mb = [(s if isinstance(s, int) else 0) / 1e6 for s in sizes]
-        per_shard.plot(range(len(mb)), mb, marker="o" if len(mb) < 40 else None, markersize=3, label=split.name)
-    per_shard.set_xlabel("shard number")
-    _integer_axis(per_shard.xaxis)
-    per_shard.set_ylabel("MB")
-    per_shard.set_title("bytes per shard")
+    sizes = {s.name: [(e.get("filesize") or 0) / 1e6 for e in s.index["shardlist"]] for s in splits}
+    top = max((max(mb, default=0.0) for mb in sizes.values()), default=0.0)
+    bins = np.linspace(0.0, max(top, 1e-6) * 1.02, BYTES_BINS + 1)
+    for name, mb in sizes.items():
+        if mb:
+            per_shard.hist(mb, bins=bins, alpha=0.6, label=f"{name} ({len(mb)} shards)")
+    per_shard.set_xlim(left=0)
+    per_shard.set_xlabel("MB per shard")
+    per_shard.set_ylabel("shards")
+    _integer_axis(per_shard.yaxis)
+    per_shard.set_title("shard sizes")
     per_shard.legend(fontsize=8)
     names = [s.name for s in splits]
-    per_split.bar(names, [counts[n]["bytes"] / 1e6 for n in names])
+    values = [counts[n]["bytes"] / 1e6 for n in names]
+    bars = per_split.bar(names, values)
+    per_split.bar_label(bars, labels=[f"{v:,.0f}" if v >= 100 else f"{v:.1f}" for v in values], fontsize=8)
+    per_split.set_ylim(bottom=0)
     per_split.set_ylabel("MB")
     per_split.set_title("bytes per split")
     return _save(fig, path)
@@ -471,9 +506,11 @@ def _plot_failures(failures: dict[str, Counter[tuple[str, str]]], path: Path) ->
 
 
 # ----------------------------------------------------------------------------------------------- contact sheets
-def contact_sheet_size(num_videos: int, num_segments: int, tile_px: int = TILE_PX) -> tuple[int, int]:
-    """(width, height) in pixels of a contact sheet of `num_videos` videos of `num_segments` tiles per row."""
-    return ROW_LABEL_PX + num_segments * tile_px, num_videos * (CAPTION_PX + 2 * tile_px + GAP_PX)
+def contact_sheet_size(caption_lines: Sequence[int], num_segments: int, tile_px: int = TILE_PX) -> tuple[int, int]:
+    """(width, height) in pixels of a contact sheet with one video per entry of `caption_lines` (the number of
+    text lines of its wrapped caption), `num_segments` tiles per row."""
+    blocks = sum(lines * LINE_PX + CAPTION_PAD_PX + 2 * tile_px + GAP_PX for lines in caption_lines)
+    return ROW_LABEL_PX + num_segments * tile_px, blocks
 
 
 def sheet_tile_px(crop_size: int) -> int:
@@ -579,13 +616,21 @@ def _blocks(split: _Split, cfg: ReportConfig, on_progress: Progress) -> tuple[li
     return blocks, shown
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, width_px: int) -> str:
-    """`text`, cut with an ellipsis to fit `width_px` in the default font."""
-    if draw.textlength(text) <= width_px:
-        return text
-    while text and draw.textlength(text + "...") > width_px:
-        text = text[:-1]
-    return text + "..."
+def wrap_caption(text: str, width_px: int) -> list[str]:
+    """`text` broken at spaces into lines that fit `width_px` in PIL's default font (a word too long for a line
+    gets a line of its own, cut with an ellipsis). Class names are never cut short: their last words tell SSv2's
+    mirror pairs apart."""
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    for word in text.split():
+        candidate = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(candidate) <= width_px:
+            lines[-1] = candidate
+            continue
+        while draw.textlength(word) > width_px and len(word) > 1:
+            word = word[:-2] + "…"
+        lines.append(word)
+    return lines or [""]
 
 
 def _draw_row(
@@ -601,20 +646,24 @@ def _draw_row(
 
 
 def _compose(blocks: Sequence[_Block], num_segments: int, tile_px: int) -> Image.Image:
-    """One contact-sheet image: per block a caption line, a `val` row and a `train` row of tiles."""
-    width, height = contact_sheet_size(len(blocks), num_segments, tile_px)
+    """One contact-sheet image: per block the wrapped caption, a `val` row and a `train` row of tiles."""
+    width = ROW_LABEL_PX + num_segments * tile_px
+    captions = [wrap_caption(block.caption, width - 4) for block in blocks]
+    width, height = contact_sheet_size([len(c) for c in captions], num_segments, tile_px)
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    block_h = CAPTION_PX + 2 * tile_px + GAP_PX
-    for k, block in enumerate(blocks):
-        top = k * block_h
-        draw.text((2, top + 1), _fit(draw, block.caption, width - 4), fill=(0, 0, 0))
+    top = 0
+    for block, lines in zip(blocks, captions, strict=True):
+        for k, line in enumerate(lines):
+            draw.text((2, top + 1 + k * LINE_PX), line, fill=(0, 0, 0))
+        rows_top = top + len(lines) * LINE_PX + CAPTION_PAD_PX
         for row, (name, tiles, frames) in enumerate(
             (("val", block.val_tiles, block.val_frames), ("train", block.train_tiles, block.train_frames))
         ):
-            y = top + CAPTION_PX + row * tile_px
+            y = rows_top + row * tile_px
             draw.text((3, y + tile_px // 2 - 6), name, fill=(60, 60, 60))
             _draw_row(sheet, draw, y, tiles, frames)
+        top = rows_top + 2 * tile_px + GAP_PX
     return sheet
 
 

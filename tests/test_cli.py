@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -194,3 +195,30 @@ def test_a_bad_number_list_is_a_usage_error_naming_the_option(tiny_shards: Path,
     assert code == 2 and "Traceback" not in stderr
     assert "--lr-steps" in stderr and "'20,forty'" in stderr
     assert not (tmp_path / "r").exists()  # nothing started
+
+
+def test_top_level_help_lists_every_command() -> None:
+    code, out, _ = run("--help")
+    summary = out.split("Options:", 1)[0]
+    assert code == 0
+    for name in main.commands:
+        assert f"\n    {name} " in summary, name
+
+
+def test_synth_help_shows_the_config_defaults() -> None:
+    from ssv2prep.prep.synth import SynthConfig
+
+    code, out, _ = run("synth", "--help")
+    assert code == 0
+    text = " ".join(out.split())
+    cfg = SynthConfig()
+    for flag, value in (("--pairs", cfg.num_pairs), ("--height", cfg.height), ("--parts", cfg.num_parts)):
+        shown = re.search(rf"{flag} INTEGER [^\[]*\[default: (\d+)\]", text)
+        assert shown is not None and int(shown.group(1)) == value, flag
+
+
+@pytest.mark.parametrize("flag", [["--zip-parts"], ["--parts", "3"]])
+def test_synth_package_options_need_package(flag: list[str], tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["synth", str(tmp_path / "s"), *flag])
+    assert result.exit_code == 2 and "needs --package" in result.stderr
+    assert not (tmp_path / "s").exists()

@@ -20,14 +20,16 @@ from ssv2prep.data.transforms import NUM_FIXED_OFFSETS, TrainCrop, apply_train_c
 from ssv2prep.errors import ConfigError, ShardError
 from ssv2prep.prep.index import read_index, read_manifest
 from ssv2prep.report import (
-    CAPTION_PX,
+    CAPTION_PAD_PX,
     GAP_PX,
+    LINE_PX,
     ROW_LABEL_PX,
     ReportConfig,
     ReportResult,
     contact_sheet_size,
     sheet_clips,
     sheet_tile_px,
+    wrap_caption,
     write_report,
 )
 
@@ -57,6 +59,14 @@ def _sheet_rows(page: str, name: str) -> list[str]:
     section = page.split(f": {name}\n", 1)[1]
     line = next(x for x in section.splitlines() if x.startswith("Rows, top to bottom:"))
     return re.findall(r"`([^`]+)`", line)
+
+
+def _caption_lines(folder: Path, split: str, ids: list[str], width: int) -> list[int]:
+    """Lines of each row's caption ("<class> | id <id> | <n> frames", wrapped to the sheet), top to bottom."""
+    classes = read_json(folder / "classes.json")
+    lines = {line["id"]: line for line in read_manifest(folder / f"ssv2-{split}.manifest.jsonl")}
+    captions = [f"{classes[lines[i]['label']]} | id {i} | {lines[i]['num_frames']} frames" for i in ids]
+    return [len(wrap_caption(c, width - 4)) for c in captions]
 
 
 def _expected_counts(folder: Path, split: str) -> dict[str, int]:
@@ -134,8 +144,10 @@ def test_contact_sheet_geometry(tiny_report: ReportResult, tiny_shards: Path) ->
         assert len(ids) == per_class * len(classes)
         labels = {line["id"]: line["label"] for line in read_manifest(tiny_shards / f"ssv2-{split}.manifest.jsonl")}
         assert Counter(labels[i] for i in ids) == dict.fromkeys(range(len(classes)), per_class)
-        width, height = ROW_LABEL_PX + T * tile, len(ids) * (CAPTION_PX + 2 * tile + GAP_PX)
-        assert contact_sheet_size(len(ids), T, tile) == (width, height)
+        width = ROW_LABEL_PX + T * tile
+        lines = _caption_lines(tiny_shards, split, ids, width)
+        height = sum(n * LINE_PX + CAPTION_PAD_PX + 2 * tile + GAP_PX for n in lines)
+        assert contact_sheet_size(lines, T, tile) == (width, height)
         with Image.open(tiny_report.page.parent / name) as image:
             assert image.size == (width, height)
 
@@ -153,8 +165,11 @@ def test_val_rows_show_what_the_eval_loader_yields(tiny_report: ReportResult, ti
     tile = sheet_tile_px(224)
     with Image.open(tiny_report.page.parent / "contact-validation-00.png") as image:
         sheet = np.asarray(image.convert("RGB"))
-    for row, key in enumerate(ids):
-        top = row * (CAPTION_PX + 2 * tile + GAP_PX) + CAPTION_PX
+    lines = _caption_lines(tiny_shards, "validation", ids, ROW_LABEL_PX + T * tile)
+    block_top = 0
+    for key, n in zip(ids, lines, strict=True):
+        top = block_top + n * LINE_PX + CAPTION_PAD_PX
+        block_top = top + 2 * tile + GAP_PX
         for k, frame in enumerate(clips[key].permute(0, 2, 3, 1).numpy()):
             expected = np.asarray(Image.fromarray(frame).resize((tile, tile), Image.Resampling.BILINEAR))
             x = ROW_LABEL_PX + k * tile
@@ -193,7 +208,8 @@ def test_failures_are_shown_with_reason_and_count(synth_tiny, tmp_path: Path) ->
     cfg = ReportConfig(shards, videos_per_class=1, num_segments=4, max_shards_scanned=1)
     result = write_report(cfg, on_progress=messages.append)
     assert sorted(m.split(":")[0] for m in messages if "scanned shard" in m) == ["test", "train", "validation"]
-    assert result.page == shards / "report" / "report.md"
+    assert result.page == (tmp_path / "shards-report" / "report.md").resolve()  # beside the shards, not inside
+    assert not (shards / "report").exists()
     page = result.page.read_text(encoding="utf-8")
     manifest = read_manifest(shards / "ssv2-train.manifest.jsonl")
     failed = [line for line in manifest if line["status"] == "failed"]
@@ -241,3 +257,43 @@ def test_bad_settings_are_config_errors(tmp_path: Path) -> None:
         write_report(ReportConfig(tmp_path, crop_size=224, scale_size=200))
     with pytest.raises(ConfigError, match="videos_per_class"):
         write_report(ReportConfig(tmp_path, videos_per_class=-1))
+
+
+# Long real SSv2 class names: the last words are what tells the twins apart.
+_LONG_TWINS = (
+    "Putting something that can't roll onto a slanted surface, so it slides down",
+    "Putting something that can't roll onto a slanted surface, so it stays where it is",
+)
+
+
+def test_videos_per_class_plot_is_readable_at_174_classes(tmp_path: Path) -> None:
+    from ssv2prep.report import CLASS_LABEL_PT, _Entry, _plot_videos_per_class, _Split, videos_per_class_figure
+
+    classes = [*_LONG_TWINS, *(f"Class number {k} doing something to something" for k in range(172))]
+    rng = np.random.default_rng(0)
+    entries = [
+        _Entry(id=str(i), label=int(c), status="ok", shard="s.tar", num_frames=40)
+        for i, c in enumerate(rng.integers(0, 174, size=3000))
+    ]
+    split = _Split("train", tmp_path / "x.json", {}, classes, entries, True, None)
+    fig = videos_per_class_figure([split], classes)
+    labels = [t for ax in fig.axes for t in ax.get_yticklabels()]
+    assert [t.get_text() for t in labels] == classes  # every name, whole, in order
+    assert min(t.get_fontsize() for t in labels) >= CLASS_LABEL_PT >= 7
+    path = _plot_videos_per_class([split], classes, tmp_path / "v.png")
+    with Image.open(path) as image:
+        width, height = image.size
+    assert len(fig.axes) == 3 and height <= 1400 and width <= 2800 and width >= height  # 3 panels of 58 rows
+    bars = Counter()
+    for ax in fig.axes:
+        for patch, label in zip(ax.patches, ax.get_yticklabels(), strict=True):
+            bars[label.get_text()] += round(patch.get_width())
+    assert bars == Counter({classes[c]: n for c, n in Counter(e.label for e in entries).items()})
+
+
+def test_contact_sheet_captions_wrap_instead_of_cutting() -> None:
+    narrow = ROW_LABEL_PX + 4 * 32 - 4  # a 4-frame sheet of 32 px tiles
+    for name in _LONG_TWINS:
+        lines = wrap_caption(f"{name} | id 12345 | 40 frames", narrow)
+        assert " ".join(lines) == f"{name} | id 12345 | 40 frames"
+        assert len(lines) > 1

@@ -93,12 +93,22 @@ def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool, malloc: str
     """Prepare Something-Something-V2 as WebDataset shards and train/evaluate TSM models on them.
 
     \b
-    The data side, in order:
-      ssv2prep synth OUT                      a synthetic dataset in the exact SSv2 form (no download needed)
-      ssv2prep download --dest DL             the real files of manifests/ssv2.json (resumable)
-      ssv2prep extract --src DL --dest DATA   join parts as a stream, untar safely, gather labels
-      ssv2prep shard --videos DATA/20bn-something-something-v2 --labels DATA/labels --out SHARDS
-      ssv2prep verify SHARDS                  re-read every shard against its index
+    Data:
+      synth OUT                      a synthetic dataset in the exact SSv2 form (no download needed)
+      download --dest DL             the real files of the shipped ssv2.json manifest (resumable)
+      extract --src DL --dest DATA   join parts as a stream, untar safely, gather labels
+      shard --videos V --labels L --out SHARDS   WebDataset shards, index, manifest and stats per split
+      verify SHARDS                  re-read every shard against its index
+      report SHARDS                  plots and contact sheets of a shard folder
+    Models:
+      train --data SHARDS --out RUN  TSM/TSN from shards (one process or torchrun)
+      eval --checkpoint CKPT --data SHARDS     the official test protocol; --grid for several fidelities
+      predict CKPT VIDEO...          classify video files (--online: frame by frame)
+      export CKPT                    a checkpoint in the official layout and file name
+    Whole jobs and measurements:
+      run PIPELINE                   a shipped pipeline by name or a .toml file, stage by stage, resumable
+      demo                           the whole job on synthetic data
+      bench shard|loader|shift       ours against a baseline and a bound, with ratios
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
@@ -151,3 +161,17 @@ def emit_json(path: Path | None, result: dict[str, Any]) -> None:
 
         atomic_write_json(path, result)
         out.print(f"wrote {path}")
+
+
+def config_default(cls: type, name: str) -> Any:
+    """The default of field `name` of the config dataclass `cls`, so an option's default is defined once, there."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            break
+    raise KeyError(f"{cls.__name__} has no field {name!r} with a default")

@@ -9,25 +9,80 @@ from typing import Any
 import click
 from rich.table import Table
 
-from ssv2prep.cli.app import jpeg_encoder_option, main, out, progress_bars, split_list
+from ssv2prep.cli.app import config_default, jpeg_encoder_option, main, out, progress_bars, split_list
 
 # ---------------------------------------------------------------------------------------------------------- synth
 
 
+def _synth_default(name: str) -> Any:
+    from ssv2prep.prep.synth import SynthConfig
+
+    return config_default(SynthConfig, name)
+
+
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--pairs", "num_pairs", type=int, default=None, help="Mirror pairs of classes (2 classes each).")
-@click.option("--train-per-class", type=int, default=None, help="Train videos per class.")
-@click.option("--validation-per-class", type=int, default=None, help="Validation videos per class.")
-@click.option("--test-per-class", type=int, default=None, help="Test videos per class.")
-@click.option("--height", type=int, default=None, help="Frame height in pixels (SSv2: 240).")
-@click.option("--min-frames", type=int, default=None, help="Fewest frames per video.")
-@click.option("--max-frames", type=int, default=None, help="Most frames per video.")
-@click.option("--seed", type=int, default=None, help="Random seed; the same seed gives identical files.")
+@click.option(
+    "--pairs",
+    "num_pairs",
+    type=int,
+    default=_synth_default("num_pairs"),
+    show_default=True,
+    help="Mirror pairs of classes (2 classes each).",
+)
+@click.option(
+    "--train-per-class",
+    type=int,
+    default=_synth_default("train_per_class"),
+    show_default=True,
+    help="Train videos per class.",
+)
+@click.option(
+    "--validation-per-class",
+    type=int,
+    default=_synth_default("validation_per_class"),
+    show_default=True,
+    help="Validation videos per class.",
+)
+@click.option(
+    "--test-per-class",
+    type=int,
+    default=_synth_default("test_per_class"),
+    show_default=True,
+    help="Test videos per class.",
+)
+@click.option(
+    "--height",
+    type=int,
+    default=_synth_default("height"),
+    show_default=True,
+    help="Frame height in pixels (SSv2: 240).",
+)
+@click.option(
+    "--min-frames", type=int, default=_synth_default("min_frames"), show_default=True, help="Fewest frames per video."
+)
+@click.option(
+    "--max-frames", type=int, default=_synth_default("max_frames"), show_default=True, help="Most frames per video."
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=_synth_default("seed"),
+    show_default=True,
+    help="Random seed; the same seed gives identical files.",
+)
 @click.option("--package", is_flag=True, help="Also write the distribution form (split gzip tar, labels zip).")
-@click.option("--parts", "num_parts", type=int, default=None, help="With --package: number of archive parts.")
+@click.option(
+    "--parts",
+    "num_parts",
+    type=int,
+    default=_synth_default("num_parts"),
+    show_default=True,
+    help="With --package: number of archive parts.",
+)
 @click.option("--zip-parts", is_flag=True, help="With --package: wrap each part in a zip, as one SSv2 release did.")
-def synth(out_dir: Path, **opts: Any) -> None:
+@click.pass_context
+def synth(ctx: click.Context, out_dir: Path, **opts: Any) -> None:
     """Make a synthetic dataset in the exact SSv2 form: VP9 webm videos and the annotation files.
 
     Each class is a motion that only frame order reveals, in mirror pairs named like real SSv2 classes.
@@ -39,8 +94,11 @@ def synth(out_dir: Path, **opts: Any) -> None:
     """
     from ssv2prep.prep.synth import SynthConfig, synthesize
 
-    given = {k: v for k, v in opts.items() if v is not None and v is not False}  # 0 is a value, not 'unset'
-    cfg = SynthConfig(**given)
+    if not opts["package"]:
+        for flag, name in (("--parts", "num_parts"), ("--zip-parts", "zip_parts")):
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT:
+                raise click.UsageError(f"{flag} shapes the package: it needs --package")
+    cfg = SynthConfig(**opts)
     cfg.validate()
     with progress_bars() as progress:
         task = progress.add_task("encoding videos", total=None, rate="")
@@ -378,7 +436,7 @@ def verify(shard_dir: Path, no_decode: bool) -> None:
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Where the page and PNGs go (default: SHARD_DIR/report).",
+    help="Where the page and PNGs go (default: SHARD_DIR-report beside it).",
 )
 @click.option("--videos-per-class", type=int, default=2, show_default=True, help="Videos per class on contact sheets.")
 @click.option("--segments", type=int, default=8, show_default=True, help="Frames the loader samples per clip.")

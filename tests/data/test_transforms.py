@@ -141,8 +141,9 @@ def test_flip_label_swaps_only_pair_members() -> None:
 def test_normalize_clips_matches_the_reference(channels_last: bool) -> None:
     clips = torch.randint(0, 256, (2, 4, 3, 8, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     out = tf.normalize_clips(clips, torch.device("cpu"), channels_last=channels_last)
-    mean = torch.tensor(tf.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(tf.IMAGENET_STD).view(3, 1, 1)
+    # torchvision's ImageNet statistics in RGB order, written out so a BGR or mistyped constant fails here
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     ref = (clips.float() / 255.0 - mean) / std
     assert out.shape == clips.shape and out.dtype == torch.float32
     assert torch.allclose(out, ref, atol=1e-5)
