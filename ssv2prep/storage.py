@@ -184,7 +184,7 @@ def open_read(url: str | os.PathLike[str]) -> IO[bytes]:
     text = os.fspath(url)
     if not is_remote(text):
         try:
-            return open(local_path(text), "rb")  # noqa: SIM115 (the caller owns the stream)
+            return open(local_path(text), "rb")  # the caller owns and closes the stream
         except FileNotFoundError as exc:
             raise StorageError(f"{text}: not found") from exc
     fs, path = _fs(text)
