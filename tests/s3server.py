@@ -7,6 +7,7 @@ a MinIO or any S3-compatible endpoint; nothing in the code under test knows it i
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +55,8 @@ def s3_server() -> Iterator[S3Server]:
     """Start moto's S3 server on a free loopback port, point the AWS environment at it, stop it afterwards."""
     import boto3
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per request otherwise
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
