@@ -34,3 +34,12 @@ def tiny_video_shards(synth_tiny, tmp_path_factory: pytest.TempPathFactory) -> P
         splits=("validation",),
         writer=WriterSettings(format="video"),
     )
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 API server (moto, server mode) on 127.0.0.1; AWS_* variables point at it for the session."""
+    from s3server import s3_server
+
+    with s3_server() as server:
+        yield server

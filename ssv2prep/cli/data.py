@@ -303,7 +303,12 @@ def _print_summaries(summaries: dict[str, Any], out_dir: Path) -> None:
     help="frames: JPEG per frame; video: the original webm bytes.",
 )
 @click.option("--decoder", type=click.Choice(["pyav", "ffmpeg"]), default="pyav", show_default=True)
-@click.option("--part", default=None, help="K/N: write only part K of N of the shard plan (array jobs).")
+@click.option(
+    "--part",
+    default=None,
+    help="K/N: write only part K of N of the shard plan (array jobs); auto: K and N from the array job's "
+    "variables (AWS Batch, Slurm, Kubernetes indexed jobs with SSV2PREP_PARTS).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the shard plan and holdout.")
 @click.option(
     "--max-failed-fraction",

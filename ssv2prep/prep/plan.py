@@ -7,8 +7,10 @@ without talking to each other.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ssv2prep.annotations import VideoRecord
@@ -90,15 +92,52 @@ def _with_split(record: VideoRecord, split: str) -> VideoRecord:
     )
 
 
-def parse_part(text: str | None) -> tuple[int, int] | None:
-    """`"2/4"` -> (2, 4) (1-based part K of N); None stays None."""
+# Array-job schedulers and the variables that give a task its index (0-based) and the array's size.
+ARRAY_JOB_ENV: dict[str, tuple[str, str]] = {
+    "AWS Batch": ("AWS_BATCH_JOB_ARRAY_INDEX", "AWS_BATCH_JOB_ARRAY_SIZE"),
+    "Slurm": ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"),
+    "Kubernetes indexed job": ("JOB_COMPLETION_INDEX", "SSV2PREP_PARTS"),
+}
+
+
+def part_from_env(env: Mapping[str, str]) -> tuple[int, int]:
+    """(K, N) of this task of an array job, from the scheduler's variables (1-based K, as `--part K/N`).
+
+    AWS Batch and Slurm give both the index and the size. A Kubernetes indexed job gives only
+    `JOB_COMPLETION_INDEX`; its size (the job's `completions`) must be passed as `SSV2PREP_PARTS`. Slurm arrays
+    that do not start at 0 (`--array=1-8`) are shifted by `SLURM_ARRAY_TASK_MIN`.
+
+    Raises:
+        ConfigError: no scheduler's variables are set, or they are not consistent numbers.
+    """
+    for scheduler, (index_var, size_var) in ARRAY_JOB_ENV.items():
+        if index_var not in env:
+            continue
+        if size_var not in env:
+            raise ConfigError(f"--part auto: {scheduler} sets {index_var} but {size_var} is not set")
+        try:
+            index, size = int(env[index_var]), int(env[size_var])
+            index -= int(env.get("SLURM_ARRAY_TASK_MIN", "0")) if scheduler == "Slurm" else 0
+        except ValueError as exc:
+            raise ConfigError(f"--part auto: {index_var}/{size_var} are not integers") from exc
+        if not 0 <= index < size:
+            raise ConfigError(f"--part auto: {scheduler} task index {index} is outside an array of {size}")
+        return index + 1, size
+    names = ", ".join(index_var for index_var, _ in ARRAY_JOB_ENV.values())
+    raise ConfigError(f"--part auto: not inside an array job (none of {names} is set)")
+
+
+def parse_part(text: str | None, env: Mapping[str, str] | None = None) -> tuple[int, int] | None:
+    """`"2/4"` -> (2, 4) (1-based part K of N); `"auto"` reads the array job's variables; None stays None."""
     if text is None:
         return None
+    if text == "auto":
+        return part_from_env(os.environ if env is None else env)
     try:
         k_s, n_s = text.split("/")
         k, n = int(k_s), int(n_s)
     except ValueError as exc:
-        raise ConfigError(f"--part must look like K/N, e.g. 2/4 (got {text!r})") from exc
+        raise ConfigError(f"--part must look like K/N, e.g. 2/4, or auto (got {text!r})") from exc
     if not 1 <= k <= n:
         raise ConfigError(f"--part K/N needs 1 <= K <= N (got {text!r})")
     return k, n
