@@ -20,12 +20,13 @@ from typing import Any
 
 from ssv2prep.fsutil import atomic_write_text
 from ssv2prep.pipeline import Pipeline, Stage, load_pipeline, run_pipeline
+from ssv2prep.resources import shipped_file
 from ssv2prep.sweep import VariantResult, compare_variants
 from ssv2prep.train.report import markdown_table
 
 log = logging.getLogger(__name__)
 
-DEMO_PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "demo.toml"
+DEMO_PIPELINE = "demo"  # the shipped pipelines/demo.toml, found by ssv2prep.resources in a checkout or a wheel
 TARGET_TSM_MIN = 90.0
 TARGET_TSN_MAX = 65.0
 # A very small run for tests and a quick look: the same stages, far less data and training.
@@ -133,10 +134,11 @@ def run_demo(
     """Run the demo pipeline into `out_dir`; returns the report path and the per-variant results."""
     start = time.perf_counter()
     sets = [f"work_dir={json.dumps(str(out_dir))}", *(SMALL_OVERRIDES if small else []), *(overrides or [])]
-    pipeline = load_pipeline(DEMO_PIPELINE, sets)
+    demo_file = shipped_file("pipelines", DEMO_PIPELINE)  # by name, so no file in the current folder can stand in
+    pipeline = load_pipeline(demo_file, sets)
     run_pipeline(pipeline, only="synth", force=False, on_stage=on_stage)
     with serve_folder(pipeline.work_dir / "synth" / "package") as url:
-        served = load_pipeline(DEMO_PIPELINE, [*sets, f"download.base_url={json.dumps(url)}"])
+        served = load_pipeline(demo_file, [*sets, f"download.base_url={json.dumps(url)}"])
         run_pipeline(served, only="download", force=False, on_stage=on_stage)
     run_pipeline(pipeline, from_stage="extract", force=False, on_stage=on_stage)
     results = compare_variants(pipeline.run_dir(), pipeline.variants, repeats=3)

@@ -55,6 +55,7 @@ from typing import Any
 
 from ssv2prep.errors import ConfigError, Ssv2PrepError
 from ssv2prep.fsutil import atomic_write_json
+from ssv2prep.resources import find_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +194,10 @@ def _variants(doc: dict[str, Any]) -> tuple[list[dict[str, Any]], set[str]]:
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
-    """Parse, override and expand a pipeline file (sweep stages repeated once per variant, in file order)."""
-    p = Path(path)
+    """Parse, override and expand a pipeline file (sweep stages repeated once per variant, in file order).
+
+    `path` is a file, or the name of a shipped pipeline (`demo`, `ssv2-tsm-r50-8f`); ConfigError when neither."""
+    p = find_pipeline(path)
     try:
         doc = tomllib.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:

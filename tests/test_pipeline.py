@@ -210,3 +210,23 @@ def test_parallel_must_be_a_positive_integer(tmp_path: Path) -> None:
     path.write_text(path.read_text() + '\n[sweep]\nstages = ["verify"]\nparallel = 0\nvariants = [{name = "a"}]\n')
     with pytest.raises(ConfigError, match="parallel"):
         load_pipeline(path)
+
+
+def test_run_takes_a_shipped_pipeline_by_name_from_any_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no pipelines/ folder here
+    result = CliRunner().invoke(main, ["run", "ssv2-shift-study", "--dry-run", "--only", "download"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "pipeline ssv2-shift-study: work folder runs/ssv2"
+    assert len(lines) == 2 and lines[1].startswith("  [pending] download: ")
+    assert lines[1].endswith(" -m ssv2prep download --dest runs/ssv2/download --manifest ssv2")
+    assert load_pipeline("demo").source == Path(__file__).resolve().parent.parent / "pipelines" / "demo.toml"
+
+
+def test_run_unknown_pipeline_name_is_a_one_line_error_listing_the_shipped_ones(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    shipped = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "pipelines").glob("*.toml"))
+    for given, problem in (("ssv2-tsm", "no such file, nor a shipped pipeline"), ("a/b.toml", "file not found")):
+        result = CliRunner().invoke(main, ["run", given, "--dry-run"])
+        assert result.exit_code == 2
+        assert result.stderr.splitlines() == [f"error: {given}: {problem}; shipped pipelines: {', '.join(shipped)}"]

@@ -115,7 +115,7 @@ def synth(ctx: click.Context, out_dir: Path, **opts: Any) -> None:
 # ------------------------------------------------------------------------------------------------------- download
 
 
-DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "manifests" / "ssv2.json"
+DEFAULT_MANIFEST = "ssv2"  # the shipped manifests/ssv2.json, from a checkout or an installed wheel alike
 
 
 @main.command()
@@ -124,7 +124,8 @@ DEFAULT_MANIFEST = Path(__file__).resolve().parent.parent / "manifests" / "ssv2.
     "--manifest",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Download manifest (default: manifests/ssv2.json, the real dataset).",
+    help="Download manifest: a file, or the name of a shipped one (ssv2, ssv2-20parts). Default: ssv2, the real "
+    "dataset as packaged now.",
 )
 @click.option("--base-url", default=None, help="Where the files are served (the manifest leaves this to you).")
 @click.option("--header", "headers", multiple=True, help="Extra HTTP header 'Name: value' (repeatable).")
@@ -157,8 +158,9 @@ def download(
     """
     from ssv2prep.prep.download import DownloadConfig, download_manifest, parse_header_option
     from ssv2prep.prep.manifest import load_manifest
+    from ssv2prep.resources import find_manifest, shipped_file
 
-    man = load_manifest(manifest or DEFAULT_MANIFEST)
+    man = load_manifest(find_manifest(manifest) if manifest else shipped_file("manifests", DEFAULT_MANIFEST))
     cfg = DownloadConfig(
         dest=dest,
         base_url=base_url,

@@ -52,7 +52,7 @@ def demo(out_dir: Path, small: bool, overrides: tuple[str, ...]) -> None:
 
 
 @main.command("run")
-@click.argument("pipeline_file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.argument("pipeline_file", metavar="PIPELINE", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, help="Override an option: STAGE.OPTION=value (repeatable).")
 @click.option("--from", "from_stage", default=None, help="Re-run from this stage on.")
 @click.option("--only", default=None, help="Run only this stage.")
@@ -60,13 +60,17 @@ def demo(out_dir: Path, small: bool, overrides: tuple[str, ...]) -> None:
 def run_cmd(
     pipeline_file: Path, overrides: tuple[str, ...], from_stage: str | None, only: str | None, dry_run: bool
 ) -> None:
-    """Run a pipeline file: its stages in order, skipping the ones already finished.
+    """Run a pipeline: its stages in order, skipping the ones already finished.
+
+    PIPELINE is a pipeline file, or the name of a shipped one (the repository's pipelines/ folder, also in the
+    installed package): demo, ssv2-tsm-r50-8f, ...; an unknown name lists them all.
 
     \b
     Examples:
-      ssv2prep run pipelines/ssv2-tsm-r50-8f.toml --set download.base_url=https://example.org/ssv2
-      ssv2prep run pipelines/ssv2-shift-study.toml --dry-run
-      ssv2prep run pipelines/demo.toml --only train@tsm --set train.epochs=2
+      ssv2prep run ssv2-tsm-r50-8f --set download.base_url=https://example.org/ssv2
+      ssv2prep run ssv2-shift-study --dry-run
+      ssv2prep run demo --only train@tsm --set train.epochs=2
+      ssv2prep run my-pipeline.toml
     """
     import shlex
 
