@@ -69,9 +69,9 @@ def server(tmp_path: Path, payload: dict[str, bytes]):
 
 
 def _cfg(tmp_path: Path, base_url: str | None, **kw: object) -> DownloadConfig:
-    opts: dict[str, object] = {"retries": 3, "backoff_s": 0.001, "timeout_s": 10.0, "chunk_bytes": CHUNK}
-    opts.update(kw)
-    return DownloadConfig(dest=tmp_path / "dest", base_url=base_url, **opts)  # type: ignore[arg-type]
+    opts: dict[str, object] = {"dest": tmp_path / "dest", "retries": 3, "backoff_s": 0.001, "timeout_s": 10.0}
+    opts.update({"chunk_bytes": CHUNK, **kw})
+    return DownloadConfig(base_url=base_url, **opts)  # type: ignore[arg-type]
 
 
 def _only(manifest: DownloadManifest, name: str, **changes: object) -> DownloadManifest:
