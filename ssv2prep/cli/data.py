@@ -99,8 +99,8 @@ def download(
 
     Files already in --dest (complete and verified, or put there by hand) are not downloaded again.
     A file is kept only if its size and first bytes fit the manifest: a login page or a short body is an error.
-    The SSv2 files need an accepted research licence: pass your session with --cookies or --header (they are
-    sent only to the --base-url host, not to other hosts it redirects to).
+    The SSv2 files need an accepted research licence: pass your session with --cookies or --header (they go
+    only to the host of each file's URL, never to another host it redirects to).
 
     \b
     Examples:

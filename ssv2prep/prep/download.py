@@ -16,11 +16,28 @@ Policy, per file:
 - Otherwise it is downloaded to ``NAME.part``. A binding checksum mismatch deletes the ``.part`` and fails the
   file with both digests; an advisory mismatch keeps the file, logs a warning and sets `advisory_mismatch`.
 
+No file is ever accepted as complete without passing the checks that need no checksum (the shipped SSv2
+manifests only have advisory ones), on every path above, a trusted sidecar included:
+
+- its size fits `ManifestFile.size_bounds` (exact, or the approximate size ± 20 %); a server that announces a
+  size outside them is refused before the body;
+- its first bytes fit `ManifestFile.magics` (gzip or zip where the format fixes them), and it is neither an HTML
+  page nor text: a ``200 text/html`` login page, or a page sent as ``application/octet-stream``, is refused
+  before any byte is kept, with the licence hint (given once per run, in the final error);
+- a body that ends short of its Content-Length is a failed attempt (retried, then an error), also when the
+  server later claims (416) that the short size is the whole file;
+- a stale ``.part`` that cannot be the start of the file (longer than the file can be, wrong first bytes, a
+  page) is restarted; a resumed ``.part`` is hashed whole from disk, and if it then differs from the
+  manifest's checksum (binding or advisory) the file is fetched once more from byte 0 before it is judged.
+
 URL of a file: `DownloadConfig.base_url` + ``/NAME`` when given (the user's explicit choice wins), else the
 manifest entry's `url`, else the manifest's `base_url` + ``/NAME``. Files that are already present need no URL.
 
 Secrets: header values, cookie values and URL query strings (signed URLs) never appear in log lines, messages or
 `FileResult.url`. Keep the ``urllib3`` logger at WARNING or above: at DEBUG it logs request URLs with their query.
+User headers and cookies are sent only to the origin (scheme, host, port) of the file's URL and to redirects that
+stay on it; redirects are followed here (at most 10), not by requests, so that a custom header such as
+``X-Auth-Token`` never reaches another host.
 """
 
 from __future__ import annotations
@@ -61,7 +78,7 @@ _REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
 _MAX_REDIRECTS = 10
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _PAGE_TYPES = frozenset({"text/html", "application/xhtml+xml"})
-_HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<!--", b"<?xml", b"<meta", b"<title", b"<script")
+_HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<body", b"<!--", b"<meta", b"<title", b"<script")
 _SNIFF_BYTES = 512  # first bytes judged before a body from byte 0 is kept
 _MIN_TEXT_BYTES = 8
 _MAGIC_NAMES = {GZIP_MAGIC: "gzip", ZIP_MAGIC: "zip"}
@@ -88,7 +105,8 @@ class DownloadConfig:
         retries: extra attempts per file after transient failures (connection errors, timeouts, dropped
             streams, 5xx, 429); each attempt resumes from the bytes already received.
         backoff_s: base of the exponential backoff: attempt k waits ``backoff_s * 2**(k-1)`` s (capped at 120 s).
-        timeout_s: connect and per-read timeout in seconds.
+        timeout_s: connect and per-read timeout in seconds (``download --timeout``): a server silent this long
+            fails the attempt.
         chunk_bytes: read size of the stream (also the granularity of progress reports).
     """
 

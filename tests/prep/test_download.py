@@ -563,6 +563,19 @@ def test_present_login_page_is_not_accepted(tmp_path, manifest, server, sidecar)
     assert target.read_bytes() == LOGIN_PAGE and server.requests == []
 
 
+def test_present_file_outside_the_approximate_size_is_reported(tmp_path, payload, manifest, server):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "part-01").write_bytes(payload["part-01"][:500_000])  # a truncated copy, plausible bytes
+    one = _only(_advisory(manifest, approx_size_bytes=SIZES["part-01"]), "part-01")
+    with pytest.raises(DownloadError) as info:
+        download_manifest(one, _cfg(tmp_path, server.url))
+    message = str(info.value)
+    assert "is 500000 bytes" in message and f"about {SIZES['part-01']} bytes (± 20%)" in message
+    assert "left in place" in message and (dest / "part-01").stat().st_size == 500_000
+    assert server.requests == [] and not (dest / ".part-01.verified.json").exists()
+
+
 def test_hung_server_is_cut_by_the_timeout_option(tmp_path, payload, manifest, server):
     write_manifest(_only(manifest, "part-01"), tmp_path / "one.json")
     server.hang("part-01", after_bytes=100_000)
