@@ -137,6 +137,13 @@ DEFAULT_MANIFEST = "ssv2"  # the shipped manifests/ssv2.json, from a checkout or
 )
 @click.option("--jobs", type=int, default=2, show_default=True, help="Files downloaded in parallel.")
 @click.option("--retries", type=int, default=5, show_default=True, help="Retries per file on errors and 5xx.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds to wait for the server (to connect, and for each read) before an attempt fails [default: 60].",
+)
 def download(
     dest: Path,
     manifest: Path | None,
@@ -145,11 +152,14 @@ def download(
     cookies: Path | None,
     jobs: int,
     retries: int,
+    timeout_s: float | None,
 ) -> None:
     """Download every file of a manifest: resumable, verified by checksum, several at once.
 
     Files already in --dest (complete and verified, or put there by hand) are not downloaded again.
-    The SSv2 files need an accepted research licence: pass your session with --cookies or --header.
+    A file is kept only if its size and first bytes fit the manifest: a login page or a short body is an error.
+    The SSv2 files need an accepted research licence: pass your session with --cookies or --header (they go
+    only to the host of each file's URL, never to another host it redirects to).
 
     \b
     Examples:
@@ -168,6 +178,7 @@ def download(
         cookies_file=cookies,
         jobs=jobs,
         retries=retries,
+        **({"timeout_s": timeout_s} if timeout_s is not None else {}),
     )
     cfg.validate()
     with progress_bars(transfer=True) as progress:

@@ -13,11 +13,20 @@ distribution)::
 `sha256` with `checksum_advisory: false` is binding (a mismatch deletes the file); an advisory
 digest comes from a third party and a mismatch is reported but the file is kept.
 `url`, when set, is used instead of `base_url + "/" + name`.
+
+Checks that need no digest (`ManifestFile.size_bounds`, `ManifestFile.magics`):
+
+- size: `size_bytes` is exact; otherwise `approx_size_bytes` allows ± `APPROX_SIZE_TOLERANCE` (20 %), so a login
+  page or a truncated file of a multi-GB part is caught without a checksum.
+- first bytes: a ``labels`` zip starts with ``PK\x03\x04``; the first video part (name ending ``-00`` or
+  ``-00.zip``) and a joined ``video_archive`` start the gzip stream (``1f 8b``), or, for a part, a zip wrapper
+  (``PK\x03\x04``). Later raw parts are byte-wise slices of the stream with no header: no check.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +36,10 @@ from ssv2prep.fsutil import atomic_write_json
 
 MANIFEST_KIND = "ssv2prep-download-manifest-v1"
 ROLES = ("video_part", "video_archive", "labels")
+GZIP_MAGIC = b"\x1f\x8b"
+ZIP_MAGIC = b"PK\x03\x04"
+APPROX_SIZE_TOLERANCE = 0.2  # fraction of approx_size_bytes a file may differ by
+_PART_INDEX_RE = re.compile(r"-(\d{2})(?:\.zip)?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +53,26 @@ class ManifestFile:
     sha256: str | None = None
     checksum_advisory: bool = False
     url: str | None = None
+
+    def size_bounds(self) -> tuple[int, int] | None:
+        """(fewest, most) bytes the file may have: exact `size_bytes`, else `approx_size_bytes` ± the tolerance."""
+        if self.size_bytes is not None:
+            return self.size_bytes, self.size_bytes
+        if self.approx_size_bytes is None:
+            return None
+        slack = int(self.approx_size_bytes * APPROX_SIZE_TOLERANCE)
+        return max(0, self.approx_size_bytes - slack), self.approx_size_bytes + slack
+
+    def magics(self) -> tuple[bytes, ...]:
+        """Byte strings the file may start with (any one of them); empty when its first bytes are not fixed."""
+        if self.role == "labels":
+            return (ZIP_MAGIC,)
+        if self.role == "video_archive":
+            return (GZIP_MAGIC,)
+        match = _PART_INDEX_RE.search(self.name)
+        if match is not None and int(match.group(1)) == 0:
+            return GZIP_MAGIC, ZIP_MAGIC  # the raw first part, or a zip wrapping it
+        return ()
 
 
 @dataclass(frozen=True, slots=True)
