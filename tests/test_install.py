@@ -44,7 +44,8 @@ def one_error_line(stderr: str) -> str:
 
 
 def check_download_with_default_manifest(download: Cli, www: Path, dest: Path) -> None:
-    """`download(args)` without --manifest fetches the files of manifests/ssv2.json: 404s first, then served files."""
+    """`download(args)` without --manifest asks for the files of manifests/ssv2.json (404s first), then refuses
+    small stand-ins by that manifest's sizes and magic bytes."""
     names = manifest_names()
     www.mkdir()
     with FaultyServer(www) as srv:
@@ -54,13 +55,14 @@ def check_download_with_default_manifest(download: Cli, www: Path, dest: Path) -
         line = one_error_line(stderr)
         for name in names:
             assert f"{name}: not found (HTTP 404)" in line
-        for i, name in enumerate(names):  # the real SHA-256s are advisory: other bytes are kept, with a warning
+        for i, name in enumerate(names):  # small stand-ins: the shipped manifest's sizes and magic bytes refuse them
             (www / name).write_bytes(bytes([i]) * (1000 + i))
-        code, stdout, stderr = download(["--dest", str(dest), "--base-url", srv.url, "--retries", "0"])
-        assert code == 0, stderr
-    for i, name in enumerate(names):
-        assert (dest / name).read_bytes() == bytes([i]) * (1000 + i)
-    assert f"download: {len(names)} files complete in {dest}" in stdout
+        code, _, stderr = download(["--dest", str(dest), "--base-url", srv.url, "--retries", "0"])
+        assert code == 1, stderr
+        line = one_error_line(stderr)
+    for name in names:
+        assert f"{name}: " in line and not (dest / name).exists()
+    assert line.count("manifest expects about") == 2 and "not zip (50 4b 03 04)" in line  # two parts, the labels zip
 
 
 # ------------------------------------------------------------------------------------------------- from a checkout
