@@ -177,7 +177,7 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
         if proc.is_alive():
             proc.kill()
             proc.join(timeout=5)
-    pool.shutdown(wait=True, cancel_futures=True)
+    pool.shutdown(wait=True)
 
 
 @contextlib.contextmanager
@@ -223,13 +223,13 @@ def _run_pool(
     except BaseException:
         # A second Ctrl-C / SIGTERM must not cut short recording the finished shards and stopping the workers.
         with _stop_signals_ignored():
-            for fut in futures:
-                fut.cancel()
+            # Stopping the workers breaks the pool, which fails every queued shard (cancelling them first would
+            # trip the executor of Python 3.11 when it then fails them). Shards that finished before stay results.
+            _stop_pool(pool)
             for fut in futures:
                 if id(fut) not in recorded and fut.done() and not fut.cancelled() and fut.exception() is None:
                     results.append(fut.result())
                     on_shard(results[-1])
-            _stop_pool(pool)
         raise
     pool.shutdown(wait=True)
     return results
