@@ -280,31 +280,44 @@ def _run_child(argv: list[str], **kwargs: Any) -> int:
         _LIVE.add(proc)
     try:
         return proc.wait()
+    except BaseException as exc:  # Ctrl-C or SIGTERM (as KeyboardInterrupt) while waiting: the stage stops too
+        _stop([proc], _signal_of(exc), STOP_GRACE_S)
+        raise
     finally:
         with _LIVE_LOCK:
             _LIVE.discard(proc)
 
 
+def _signal_of(exc: BaseException) -> int:
+    """The signal to pass on to stages for `exc`: the one that stopped us (the CLI's SIGTERM carries `signum`)."""
+    return getattr(exc, "signum", signal.SIGINT) if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+
+
 def stop_stages(sig: int = signal.SIGINT, grace_s: float = STOP_GRACE_S) -> None:
-    """Stop every running stage: `sig` to its process group, SIGKILL to the group after `grace_s`; wait for it."""
+    """Stop every running stage and start no new one: `sig` to each stage's process group, SIGKILL to the group
+    after `grace_s`; returns once they are gone."""
     with _LIVE_LOCK:
         _STOPPING.set()
         procs = list(_LIVE)
+    _stop(procs, sig, grace_s)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], sig: int, grace_s: float) -> None:
     for proc in procs:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
     deadline = time.monotonic() + grace_s
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
+    try:
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    finally:
+        # After the grace time, or at once on a second Ctrl-C: SIGKILL to what is left of each group, stray
+        # grandchildren of a finished stage included.
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    # A stage's own children may outlive it in its group (a stray worker); they go too.
-    for proc in procs:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run_stage(pipeline: Pipeline, stage: Stage, *, threads: int | None = None) -> float:
@@ -413,6 +426,6 @@ def run_pipeline(
     except BaseException as exc:
         # Ctrl-C, SIGTERM (the CLI raises it as a KeyboardInterrupt carrying `signum`) or a failed chain: the stages
         # still running get the same signal, then SIGKILL if they do not stop.
-        stop_stages(getattr(exc, "signum", signal.SIGINT) if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM)
+        stop_stages(_signal_of(exc))
         raise
     return [(stage, outcome[stage.key]) for stage in selected if stage.key in outcome]
