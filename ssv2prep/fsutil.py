@@ -116,8 +116,8 @@ def output_write_error(path: str | os.PathLike[str], exc: OSError, what: str = "
     return OutputWriteError(f"{path}: {what}: {problem}")
 
 
-def _lock_file(root: Path, path: Path, option: str) -> int:
-    """An fd of `path` holding its exclusive flock, with our pid written in it."""
+def _lock_file(root: Path, path: Path, option: str, shared: bool) -> int:
+    """An fd of `path` holding its flock (exclusive, or shared), with our pid written in it."""
     for _ in range(10):
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ def _lock_file(root: Path, path: Path, option: str) -> int:
         except OSError as exc:
             raise output_write_error(root, exc, f"cannot create the {option} lock") from exc
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
@@ -141,33 +141,46 @@ def _lock_file(root: Path, path: Path, option: str) -> int:
         except FileNotFoundError:
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            if not shared:
+                os.ftruncate(fd, 0)
+            # Shared holders each write their pid: the file names one of them (the latest), which is enough to
+            # tell a user which run to wait for.
+            os.pwrite(fd, f"{os.getpid()}\n".ljust(12).encode("ascii"), 0)
             return fd
         os.close(fd)
     raise OutputLockedError(f"{root}: {option} lock {path} keeps changing hands; try again", pid=None)
 
 
 @contextlib.contextmanager
-def output_lock(folder: str | os.PathLike[str], *, option: str = "the output folder") -> Iterator[Path]:
-    """Hold an exclusive lock on `folder` (created if missing) for the block; fail at once if another process has it.
+def output_lock(
+    folder: str | os.PathLike[str],
+    *,
+    option: str = "the output folder",
+    name: str = LOCK_NAME,
+    shared: bool = False,
+) -> Iterator[Path]:
+    """Hold a lock on `folder` (created if missing) for the block; fail at once if another process holds it.
 
-    The lock is `fcntl.flock` on `folder/.ssv2prep.lock`, which holds the holder's pid while it runs and is removed
-    when the block ends. The kernel drops a flock when its holder exits, however it exits, so a lock file left by a
-    killed run never blocks a later one. Two runs writing the same folder would delete each other's temp files; this
-    makes the second one stop before touching anything.
+    The lock is `fcntl.flock` on `folder/name` (default `.ssv2prep.lock`), which holds the holder's pid while it
+    runs and is removed when the last holder lets go. The kernel drops a flock when its holder exits, however it
+    exits, so a lock file left by a killed run never blocks a later one. Two runs writing the same folder would
+    delete each other's temp files; this makes the second one stop before touching anything. `shared` locks (the
+    `--part` runs of one shard plan, which write disjoint shards) coexist with each other, not with an exclusive one.
 
     Raises:
         OutputLockedError: another process holds the lock (the message names its pid and `option`).
         OutputWriteError: the folder or its lock file cannot be created (read-only, full, denied).
     """
     root = Path(folder)
-    path = root / LOCK_NAME
-    fd = _lock_file(root, path, option)
+    path = root / name
+    fd = _lock_file(root, path, option, shared)
     try:
         yield path
     finally:
-        # Removed while still locked, so that nobody can lock the old file after we let go (see _lock_file).
+        # Removed while still locked, and only by its last holder (the one that can make its lock exclusive), so
+        # that nobody can lock a removed file while others still hold the old one (see _lock_file).
         with contextlib.suppress(OSError):
+            if shared:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.unlink(path)
         os.close(fd)

@@ -153,8 +153,12 @@ def _load_done(work: Path, out_dir: Path, spec: ShardSpec) -> ShardStats | None:
     return stats if tar.stat().st_size == stats.filesize else None
 
 
-def _remove_stale_temps(out_dir: Path) -> None:
+def _remove_stale_temps(out_dir: Path, specs: list[ShardSpec] | None = None) -> None:
+    """Remove temp shards left by an interrupted run: all of them, or (a `--part` run, beside other parts that may
+    be writing now) those of `specs` only."""
     for tmp in out_dir.glob(".ssv2-*.tar.*.tmp"):
+        if specs is not None and tmp.name[1:].split(".tar.", 1)[0] + ".tar" not in {s.name for s in specs}:
+            continue
         log.info("removing %s left by an interrupted run", tmp.name)
         tmp.unlink(missing_ok=True)
 
@@ -306,7 +310,7 @@ def _check_videos_exist(cfg: ShardConfig, plans: dict[str, list[ShardSpec]]) -> 
 def _remove_unrecorded(work: Path, out_dir: Path, specs: list[ShardSpec]) -> None:
     """After an interrupted run: remove temp files and any tar of `specs` that has no work record (a re-run
     rewrites it anyway), so that every tar left on disk is a recorded, complete shard."""
-    _remove_stale_temps(out_dir)
+    _remove_stale_temps(out_dir, specs)
     for spec in specs:
         if not (work / f"{spec.name}.json").is_file():
             (out_dir / spec.name).unlink(missing_ok=True)
@@ -342,7 +346,13 @@ def shard_dataset(
     _check_videos_exist(cfg, plans)
     settings = settings_record(cfg, plans)
     try:
-        with output_lock(cfg.out_dir, option="--out"):
+        with contextlib.ExitStack() as locks:
+            # One run per --out; the --part runs of one plan may share it (they write disjoint shards), one per part.
+            locks.enter_context(output_lock(cfg.out_dir, option="--out", shared=cfg.part is not None))
+            if cfg.part is not None:
+                k, n = cfg.part
+                name = f".ssv2prep-part-{k}-of-{n}.lock"
+                locks.enter_context(output_lock(cfg.out_dir, option=f"--part {k}/{n} of --out", name=name))
             return _shard_locked(cfg, ann, plans, settings, start, on_plan, on_shard)
     except OSError as exc:
         if write_problem(exc) is None:
@@ -362,8 +372,8 @@ def _shard_locked(
     work = cfg.out_dir / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)
     _check_settings(work, settings)
-    _remove_stale_temps(cfg.out_dir)
     selected = [spec for specs in plans.values() for spec in select_part(specs, cfg.part)]
+    _remove_stale_temps(cfg.out_dir, selected if cfg.part is not None else None)
     todo = [spec for spec in selected if _load_done(work, cfg.out_dir, spec) is None]
     if on_plan:
         on_plan(len(todo), sum(len(s.records) for s in todo), len(selected) - len(todo))

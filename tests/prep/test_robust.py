@@ -195,19 +195,33 @@ def test_sigterm_stops_shard_and_its_workers_and_a_second_run_is_refused(busy, t
 
 def test_second_shard_run_on_the_same_out_fails_at_once_via_the_cli(busy, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.Popen(shard_argv(busy, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with killed_at_exit(proc):
-        wait_for_records(out, 1, proc)
+    # The first run, as far as the lock goes: another process holding it for as long as this test needs.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True
+    )
+    with killed_at_exit(holder):
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
         second = subprocess.run(shard_argv(busy, out), capture_output=True, text=True, timeout=60)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
-    assert second.returncode == 1
+        took = time.monotonic() - started
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert second.returncode == 1 and took < 20
     assert second.stderr.strip().splitlines()[-1] == (
-        f"error: {out}: --out is in use by process {proc.pid} (lock {out / '.ssv2prep.lock'}); wait for it to "
+        f"error: {out}: --out is in use by process {holder.pid} (lock {out / '.ssv2prep.lock'}); wait for it to "
         "finish or use another folder"
     )
     assert "Traceback" not in second.stderr
-    assert_every_tar_is_recorded(out)
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing written, and the holder's lock file went with it
+
+
+HOLD_LOCK = """
+import sys
+from ssv2prep.fsutil import output_lock
+with output_lock(sys.argv[1], option="--out"):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -321,3 +335,39 @@ def test_report_errors_name_the_flag(tiny_shards: Path) -> None:
     line = one_error_line(stderr)
     assert code == 2 and "--segments" in line and "num_segments" not in line, line
     assert json.loads((tiny_shards / "classes.json").read_text())  # nothing touched
+
+
+def test_part_runs_share_out_but_not_a_part_and_not_with_a_whole_run(synth_tiny, tmp_path: Path) -> None:
+    from ssv2prep.fsutil import OutputLockedError, output_lock
+
+    out = tmp_path / "out"
+
+    def cfg(part: tuple[int, int] | None) -> ShardConfig:
+        return shard_config(synth_tiny.videos_dir, synth_tiny.labels_dir, out, part=part)
+
+    # This process stands for another part run of the same plan, writing its part 2.
+    part_2 = output_lock(out, option="--part 2/2 of --out", name=".ssv2prep-part-2-of-2.lock")
+    with output_lock(out, option="--out", shared=True), part_2:
+        assert shard_dataset(cfg((1, 2))).incomplete_splits  # part 1 runs beside it
+        with pytest.raises(OutputLockedError, match=r"--part 2/2 of --out is in use by process"):
+            shard_dataset(cfg((2, 2)))
+        with pytest.raises(OutputLockedError, match=r"--out is in use by process"):
+            shard_dataset(cfg(None))  # a whole run waits for every part
+    result = shard_dataset(cfg((2, 2)))
+    assert not result.incomplete_splits
+    assert sorted(p.name for p in out.glob(".ssv2prep*.lock")) == []
+
+
+def test_a_second_download_into_the_same_dest_fails_at_once(tmp_path: Path) -> None:
+    from ssv2prep.fsutil import output_lock
+
+    dest = tmp_path / "dl"
+    with output_lock(dest, option="--dest"):  # this process stands for the first download
+        # Port 9 (discard) is never contacted: the lock is refused first.
+        manifest = Path(__file__).resolve().parents[2] / "manifests" / "ssv2.json"
+        code, stderr = cli(
+            "download", "--dest", str(dest), "--manifest", str(manifest), "--base-url", "http://127.0.0.1:9"
+        )
+    assert code == 1
+    assert one_error_line(stderr).startswith(f"error: {dest}: --dest is in use by process {os.getpid()} (lock ")
+    assert sorted(p.name for p in dest.iterdir()) == []
