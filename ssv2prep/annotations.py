@@ -67,6 +67,8 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AnnotationError(f"{path}: not readable JSON ({exc})") from exc
+    except RecursionError as exc:  # the parser recurses per nesting level; no annotation file nests more than 3
+        raise AnnotationError(f"{path}: not usable JSON (nested too deeply for an annotation file)") from exc
 
 
 def load_classes(labels_dir: Path) -> tuple[str, ...]:

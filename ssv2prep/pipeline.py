@@ -39,12 +39,15 @@ this way than one at a time with all threads: intra-op threading of small convol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable
@@ -259,6 +262,67 @@ def select_stages(pipeline: Pipeline, *, from_stage: str | None = None, only: st
     return list(pipeline.stages)
 
 
+# Stage processes still running, so that a stopped `run` stops them too. Each runs in its own process group (the
+# whole group of a torchrun stage is stopped at once), which also keeps the terminal's Ctrl-C away from them: the
+# parent forwards it and then waits for them, so nothing outlives the parent.
+_LIVE: set[subprocess.Popen[bytes]] = set()
+_LIVE_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+STOP_GRACE_S = 10.0
+
+
+class _StopRequested(Exception):
+    """The pipeline is stopping; no new stage starts."""
+
+
+def _run_child(argv: list[str], **kwargs: Any) -> int:
+    with _LIVE_LOCK:
+        if _STOPPING.is_set():
+            raise _StopRequested(f"not starting {argv[0]}: the pipeline is stopping")
+        proc = subprocess.Popen(argv, process_group=0, **kwargs)
+        _LIVE.add(proc)
+    try:
+        return proc.wait()
+    except BaseException as exc:  # Ctrl-C or SIGTERM (as KeyboardInterrupt) while waiting: the stage stops too
+        _stop([proc], _signal_of(exc), STOP_GRACE_S)
+        raise
+    finally:
+        with _LIVE_LOCK:
+            _LIVE.discard(proc)
+
+
+def _signal_of(exc: BaseException) -> int:
+    """The signal to pass on to stages for `exc`: the one that stopped us (the CLI's SIGTERM carries `signum`)."""
+    return getattr(exc, "signum", signal.SIGINT) if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+
+
+def stop_stages(sig: int = signal.SIGINT, grace_s: float = STOP_GRACE_S) -> None:
+    """Stop every running stage and start no new one: `sig` to each stage's process group, SIGKILL to the group
+    after `grace_s`; returns once they are gone."""
+    with _LIVE_LOCK:
+        _STOPPING.set()
+        procs = list(_LIVE)
+    _stop(procs, sig, grace_s)
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], sig: int, grace_s: float) -> None:
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+    deadline = time.monotonic() + grace_s
+    try:
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    finally:
+        # After the grace time, or at once on a second Ctrl-C: SIGKILL to what is left of each group, stray
+        # grandchildren of a finished stage included.
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def run_stage(pipeline: Pipeline, stage: Stage, *, threads: int | None = None) -> float:
     """Run one stage's process and record it when it exits 0. Returns seconds.
 
@@ -273,15 +337,15 @@ def run_stage(pipeline: Pipeline, stage: Stage, *, threads: int | None = None) -
     started, start_unix = time.strftime("%Y-%m-%dT%H:%M:%S"), time.time()
     start = time.perf_counter()
     if log_path is None:
-        proc = subprocess.run(argv, check=False)
+        returncode = _run_child(argv)
     else:
         with log_path.open("w", encoding="utf-8") as out:
-            proc = subprocess.run(argv, check=False, env=env, stdout=out, stderr=subprocess.STDOUT)
+            returncode = _run_child(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
-    if proc.returncode != 0:
+    if returncode != 0:
         where = f"; its output is in {log_path}" if log_path else ""
         raise StageFailedError(
-            f"stage {stage.key} failed (exit {proc.returncode}){where}; fix the cause and re-run: finished stages are "
+            f"stage {stage.key} failed (exit {returncode}){where}; fix the cause and re-run: finished stages are "
             "skipped and this one resumes"
         )
     atomic_write_json(
@@ -351,13 +415,20 @@ def run_pipeline(
             run_stage(pipeline, stage, threads=threads)
             outcome[stage.key] = "ran"
 
-    for chains in _groups(selected, pipeline.parallel):
-        if len(chains) == 1:
-            run_chain(chains[0], threads if chains[0][0].variant is not None else None)
-            continue
-        with ThreadPoolExecutor(max_workers=pipeline.parallel) as pool:
-            futures = [pool.submit(run_chain, chain, threads) for chain in chains]
-        errors = [f.exception() for f in futures if f.exception() is not None]
-        if errors:
-            raise errors[0]  # type: ignore[misc]
+    _STOPPING.clear()
+    try:
+        for chains in _groups(selected, pipeline.parallel):
+            if len(chains) == 1:
+                run_chain(chains[0], threads if chains[0][0].variant is not None else None)
+                continue
+            with ThreadPoolExecutor(max_workers=pipeline.parallel) as pool:
+                futures = [pool.submit(run_chain, chain, threads) for chain in chains]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                raise errors[0]  # type: ignore[misc]
+    except BaseException as exc:
+        # Ctrl-C, SIGTERM (the CLI raises it as a KeyboardInterrupt carrying `signum`) or a failed chain: the stages
+        # still running get the same signal, then SIGKILL if they do not stop.
+        stop_stages(_signal_of(exc))
+        raise
     return [(stage, outcome[stage.key]) for stage in selected if stage.key in outcome]

@@ -43,7 +43,7 @@ from ssv2prep.data.loader import ClipFinisher, ClipPlanner
 from ssv2prep.data.sampling import SamplingSpec
 from ssv2prep.data.source import RawSample
 from ssv2prep.errors import ConfigError, SampleError, ShardError
-from ssv2prep.fsutil import atomic_write_bytes, atomic_write_text
+from ssv2prep.fsutil import atomic_write_bytes, atomic_write_text, output_write_error, write_problem
 from ssv2prep.prep.index import manifest_path, read_classes, read_index, read_manifest, stats_path
 from ssv2prep.prep.plan import DATASET_NAME
 from ssv2prep.prep.verify import find_indexes
@@ -111,7 +111,9 @@ class ReportConfig:
         )
         for name, ok, allowed in checks:
             if not ok:
-                raise ConfigError(f"report: {name}={getattr(self, name)!r} is out of range; allowed: {allowed}")
+                flag = "--segments" if name == "num_segments" else "--" + name.replace("_", "-")
+                allowed = allowed.replace("crop_size", "--crop-size")
+                raise ConfigError(f"report: {flag} {getattr(self, name)!r} is out of range; allowed: {allowed}")
 
     @property
     def resolved_out_dir(self) -> Path:
@@ -857,12 +859,29 @@ def write_report(cfg: ReportConfig, *, on_progress: Callable[[str], None] | None
         ConfigError: a bad setting.
         ShardError: the folder holds no shard index, or an index/manifest/class list that cannot be read, or an
             index that lists a shard outside the folder.
+        OutputWriteError: `out_dir` cannot be written (full, read-only, denied).
     """
     cfg.validate()
     out_dir = cfg.resolved_out_dir
     splits = _load_all(cfg, on_progress)
     counts = {s.name: _split_counts(s) for s in splits}
     failures = {s.name: _failure_counts(s) for s in splits}
+    try:
+        return _write_outputs(cfg, out_dir, splits, counts, failures, on_progress)
+    except OSError as exc:
+        if write_problem(exc) is None:
+            raise
+        raise output_write_error(out_dir, exc, "cannot write the report") from exc
+
+
+def _write_outputs(
+    cfg: ReportConfig,
+    out_dir: Path,
+    splits: list[_Split],
+    counts: dict[str, dict[str, int]],
+    failures: dict[str, Counter[tuple[str, str]]],
+    on_progress: Callable[[str], None] | None,
+) -> ReportResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     images = _write_plots(splits, counts, failures, out_dir)
     _say(on_progress, f"wrote {len(images)} plots to {out_dir}")

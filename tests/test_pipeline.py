@@ -56,6 +56,19 @@ def records(tmp_path: Path) -> dict[str, float]:
     return {p.stem: p.stat().st_mtime_ns for p in folder.glob("*.json")}
 
 
+def processes() -> dict[int, tuple[int, int]]:
+    """{pid: (ppid, process group)} of every live (not zombie) process."""
+    found = {}
+    for entry in (e for e in os.listdir("/proc") if e.isdigit()):
+        try:
+            state, ppid, pgrp = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue
+        if state not in ("Z", "X"):
+            found[int(entry)] = (int(ppid), int(pgrp))
+    return found
+
+
 def test_options_become_cli_flags() -> None:
     argv = options_to_args({"videos_per_shard": 4, "flip": True, "partial_bn": False, "lr_steps": [20, 40]})
     assert argv == ["--videos-per-shard", "4", "--flip", "--lr-steps", "20,40"]
@@ -121,7 +134,9 @@ def test_a_killed_stage_resumes_and_ends_byte_identical(tmp_path: Path) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(list(work_records.glob("*.json"))) < 3:
         time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # the run and its shard stage, as a lost machine would
+    stage_groups = {pgid for pid, (ppid, pgid) in processes().items() if ppid == proc.pid}  # its own group
+    for pgid in {proc.pid, *stage_groups}:
+        os.killpg(pgid, signal.SIGKILL)  # the run and its shard stage, as a lost machine would
     proc.wait()
     done = len(list(work_records.glob("*.json")))
     assert 3 <= done < 20, "the shard stage should have been killed part-way"
@@ -230,3 +245,49 @@ def test_run_unknown_pipeline_name_is_a_one_line_error_listing_the_shipped_ones(
         result = CliRunner().invoke(main, ["run", given, "--dry-run"])
         assert result.exit_code == 2
         assert result.stderr.splitlines() == [f"error: {given}: {problem}; shipped pipelines: {', '.join(shipped)}"]
+
+
+@pytest.mark.parametrize(
+    ("sig", "to_group", "code"), [(signal.SIGTERM, False, 143), (signal.SIGINT, True, 130)], ids=["sigterm", "ctrl-c"]
+)
+def test_a_stopped_run_stops_its_running_stage(tmp_path: Path, sig: int, to_group: bool, code: int) -> None:
+    path = tmp_path / "slower.toml"  # 48 one-video shards through the ffmpeg binary: a few seconds of work
+    slower = TINY_PIPELINE.replace("train_per_class = 3", "train_per_class = 10").replace(
+        "workers = 1", 'workers = 1\ndecoder = "ffmpeg"'
+    )
+    path.write_text(slower.format(work=tmp_path / "work"))
+    pipeline = load_pipeline(path)
+    run_pipeline(pipeline, only="synth")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ssv2prep", "-q", "run", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    work_records = tmp_path / "work/shards/.ssv2prep-work"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list(work_records.glob("ssv2-*.json"))) < 2:
+            time.sleep(0.005)
+        stages = {pid: pgid for pid, (ppid, pgid) in processes().items() if ppid == proc.pid}
+        assert len(stages) == 1 and proc.poll() is None, "the shard stage should be running"
+        ((stage_pid, stage_group),) = stages.items()
+        assert stage_group == stage_pid != proc.pid  # a group of its own, as torchrun gives its workers
+        if to_group:
+            os.killpg(proc.pid, sig)  # a terminal's Ctrl-C: the foreground group, which the stage is not in
+        else:
+            proc.send_signal(sig)  # `kill PID` of the run alone
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr.decode()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(pg == stage_group for _, pg in processes().values()):
+        time.sleep(0.05)
+    assert not [pid for pid, (_, pg) in processes().items() if pg == stage_group], "the stage outlived the run"
+    assert stage_status(pipeline, pipeline.stages[1]) == "pending"  # not recorded as done
+    done = {p.name.removesuffix(".json") for p in work_records.glob("ssv2-*.tar.json")}
+    assert 2 <= len(done) < 48 and done == {p.name for p in (tmp_path / "work/shards").glob("ssv2-*.tar")}

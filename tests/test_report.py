@@ -253,9 +253,9 @@ def test_index_listing_a_shard_outside_the_folder_is_refused(tiny_shards: Path, 
 
 
 def test_bad_settings_are_config_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="scale_size"):
+    with pytest.raises(ConfigError, match="--scale-size"):
         write_report(ReportConfig(tmp_path, crop_size=224, scale_size=200))
-    with pytest.raises(ConfigError, match="videos_per_class"):
+    with pytest.raises(ConfigError, match="--videos-per-class"):
         write_report(ReportConfig(tmp_path, videos_per_class=-1))
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +34,7 @@ from rich.progress import (
 
 from ssv2prep import __version__
 from ssv2prep.errors import Ssv2PrepError
+from ssv2prep.fsutil import write_problem
 from ssv2prep.malloc import ENV_VAR as MALLOC_ENV_VAR
 from ssv2prep.malloc import KEPT, configure_malloc
 from ssv2prep.malloc import MODES as MALLOC_MODES
@@ -40,17 +43,51 @@ console = Console(stderr=True)
 out = Console(soft_wrap=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same clean-up runs; `signum` says which."""
+
+    signum = signal.SIGTERM
+
+
+# Commands whose clean stop matters (finished work recorded, workers and stage processes stopped) turn SIGTERM into
+# `Terminated`; the others keep Python's default (SIGTERM ends the process at once), which torchrun relies on.
+SIGTERM_COMMANDS = frozenset({"synth", "download", "extract", "shard", "verify", "report", "run", "demo"})
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 class _Group(click.Group):
-    """A click group that turns `Ssv2PrepError` into a one-line message and its exit code."""
+    """A click group that turns known errors into a one-line message and an exit code.
+
+    `Ssv2PrepError` -> its message and `exit_code`; Ctrl-C -> exit 130 (SIGTERM -> 143); an OSError that means an
+    output cannot be written (disk full, read-only file system, permission) -> the path and the problem, exit 1.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.obj and ctx.obj.get("debug"))
         try:
             return super().invoke(ctx)
         except Ssv2PrepError as exc:
-            if ctx.obj and ctx.obj.get("debug"):
+            if debug:
                 console.print_exception()
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            what = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+            click.echo(f"error: {what}; finished work is kept, re-run to resume", err=True)
+            sys.exit(128 + signum)
+        except OSError as exc:
+            problem = write_problem(exc)
+            if problem is None:
+                raise
+            if debug:
+                console.print_exception()
+            where = exc.filename if exc.filename is not None else "an output file"
+            click.echo(f"error: {where}: {problem}", err=True)
+            sys.exit(1)
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -112,6 +149,8 @@ def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool, malloc: str
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    if ctx.invoked_subcommand in SIGTERM_COMMANDS and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     _setup_logging(verbose, quiet)
     in_effect = configure_malloc(malloc)
     if in_effect != malloc:  # not glibc, or `kept` was applied earlier in this process

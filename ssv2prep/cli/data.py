@@ -181,7 +181,9 @@ def download(
         **({"timeout_s": timeout_s} if timeout_s is not None else {}),
     )
     cfg.validate()
-    with progress_bars(transfer=True) as progress:
+    from ssv2prep.fsutil import output_lock
+
+    with output_lock(dest, option="--dest"), progress_bars(transfer=True) as progress:
         tasks: dict[str, Any] = {}
 
         def on_progress(name: str, done: int, total: int | None) -> None:
@@ -330,6 +332,13 @@ def _print_summaries(summaries: dict[str, Any], out_dir: Path) -> None:
     show_default=True,
     help="Exit non-zero when more videos than this fraction fail to decode.",
 )
+@click.option(
+    "--max-missing-fraction",
+    type=float,
+    default=None,
+    help="Exit non-zero when more annotation entries than this fraction have no video in --videos "
+    "(default: --max-failed-fraction). A split with no usable video is always an error.",
+)
 def shard(
     videos_dir: Path,
     labels_dir: Path,
@@ -348,6 +357,7 @@ def shard(
     part: str | None,
     seed: int,
     max_failed_fraction: float,
+    max_missing_fraction: float | None,
 ) -> None:
     """Write WebDataset tar shards of JPEG frames (or videos) with index, manifest and stats per split.
 
@@ -383,6 +393,7 @@ def shard(
             encoder=jpeg_encoder,
         ),
         max_failed_fraction=max_failed_fraction,
+        max_missing_fraction=max_missing_fraction,
     )
     with progress_bars() as progress:
         task = progress.add_task("sharding", total=None, rate="")

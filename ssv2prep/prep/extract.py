@@ -23,9 +23,11 @@ silently. After the tar end the gzip stream is drained so that its trailer is ch
 Members: only regular ``20bn-something-something-v2/<name>.webm`` files are written, each to a temporary name then
 renamed. Absolute names, ``..`` components, links, devices and fifos stop the run with an `ExtractError` naming the
 member; directories are accepted (nothing is created for them); other regular files are skipped with a warning and
-counted in `ExtractResult.ignored`. A video whose file already exists with the member's size is skipped, so a re-run
-resumes. When the stream turns out corrupt (wrong part order, mixed sets, damaged bytes), the videos written in that
-run are removed again, since their bytes cannot be trusted.
+counted in `ExtractResult.ignored`. Each video written gets the archive member's modification time (a copied one,
+its source's); a video whose file already exists with the member's size and that time is skipped, so a re-run
+resumes, while a file changed since (same size, other bytes: its time moved) is written again. When the stream turns
+out corrupt (wrong part order, mixed sets, damaged bytes), the videos written in that run are removed again, since
+their bytes cannot be trusted.
 
 Labels: `20bn-something-something-download-package-labels.zip` (members ``labels/*``), else loose files in
 ``SRC/labels`` or ``SRC`` (or next to SRC when SRC is the videos folder), under either naming scheme. They are
@@ -52,7 +54,7 @@ from pathlib import Path, PurePosixPath
 
 from ssv2prep.annotations import OLD_PREFIX, find_label_file
 from ssv2prep.errors import ExtractError
-from ssv2prep.fsutil import CHUNK_BYTES, atomic_open, atomic_write_bytes
+from ssv2prep.fsutil import CHUNK_BYTES, atomic_open, atomic_write_bytes, output_lock, write_problem
 
 log = logging.getLogger(__name__)
 
@@ -429,13 +431,19 @@ def _check_inside(target: Path, dest: Path) -> None:
         raise ExtractError(f"{target}: resolves to {resolved}, outside DEST {dest}; refusing to write there")
 
 
-def _is_complete(target: Path, size_bytes: int) -> bool:
-    """A regular file (not a link) of the expected size is already there."""
+def _is_complete(target: Path, size_bytes: int, mtime_ns: int) -> bool:
+    """A regular file (not a link) of the expected size and the modification time set when it was placed."""
     try:
         st = os.lstat(target)
     except FileNotFoundError:
         return False
-    return stat.S_ISREG(st.st_mode) and st.st_size == size_bytes
+    return stat.S_ISREG(st.st_mode) and st.st_size == size_bytes and st.st_mtime_ns == mtime_ns
+
+
+def _member_mtime_ns(member: tarfile.TarInfo) -> int:
+    # An integer tar mtime maps exactly to nanoseconds; a pax float one is rounded the same way on every run.
+    mtime = member.mtime
+    return int(mtime) * 1_000_000_000 if float(mtime).is_integer() else round(mtime * 1_000_000_000)
 
 
 def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
@@ -447,8 +455,14 @@ def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -
         with atomic_open(target) as out:
             while chunk := source.read(CHUNK_BYTES):
                 out.write(chunk)
+        mtime_ns = _member_mtime_ns(member)
+        os.utime(target, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
     except OSError as exc:
-        raise ExtractError(f"{target}: cannot write it ({exc})") from exc
+        raise ExtractError(f"{target}: cannot write it ({_os_problem(exc)})") from exc
+
+
+def _os_problem(exc: OSError) -> str:
+    return write_problem(exc) or exc.strerror or str(exc)
 
 
 def _untar(reader: _CheckedReader, run: _Run) -> None:
@@ -463,7 +477,7 @@ def _untar(reader: _CheckedReader, run: _Run) -> None:
             target = _video_target(parts, run)
             if target is None:
                 run.note_ignored(member.name)
-            elif _is_complete(target, member.size):
+            elif _is_complete(target, member.size, _member_mtime_ns(member)):
                 run.skipped += 1
             else:
                 _write_member(tar, member, target)
@@ -514,8 +528,10 @@ def _link_or_copy(source: Path, target: Path, *, try_link: bool) -> bool:
     try:
         with open(source, "rb") as src_fh, atomic_open(target) as out:
             shutil.copyfileobj(src_fh, out, CHUNK_BYTES)
+        st = os.stat(source)
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
     except OSError as exc:
-        raise ExtractError(f"{target}: cannot copy {source} there ({exc})") from exc
+        raise ExtractError(f"{target}: cannot copy {source} there ({_os_problem(exc)})") from exc
     return False
 
 
@@ -532,10 +548,11 @@ def _place_folder(layout: Layout, run: _Run, on_progress: ProgressFn | None) -> 
     try_link = os.stat(layout.folder).st_dev == os.stat(run.videos_dir).st_dev
     done_bytes = linked = 0
     for entry in videos:
-        size_bytes = entry.stat().st_size
+        source_stat = entry.stat()
+        size_bytes = source_stat.st_size
         target = run.videos_dir / entry.name
         run.check_inside(target)
-        if _is_complete(target, size_bytes):
+        if _is_complete(target, size_bytes, source_stat.st_mtime_ns):
             run.skipped += 1
         else:
             linked += _link_or_copy(Path(entry.path), target, try_link=try_link)
@@ -653,7 +670,8 @@ def extract_dataset(
     """Turn the SSv2 files in SRC into DEST/20bn-something-something-v2/<id>.webm and DEST/labels/.
 
     Labels are checked and written first (so that missing labels fail fast), then the videos. Re-running
-    skips the videos already complete (same size as in the archive); the archive is still read through.
+    skips the videos already complete (the member's size and modification time); the archive is still read
+    through. DEST is locked for the run (`fsutil.output_lock`): a second extract into it fails at once.
 
     Args:
         src: Folder with the downloaded files (any layout of the module docstring), or the videos folder.
@@ -667,15 +685,20 @@ def extract_dataset(
 
     Raises:
         ExtractError: Any problem with the layout, the labels, the archive data (truncated, corrupt, naming the
-            part) or an unsafe archive member (naming it), or a write that fails.
+            part) or an unsafe archive member (naming it), or a write that fails (full, read-only).
+        OutputLockedError: another process is extracting into DEST.
     """
     layout = find_layout(src)
     dest_root = Path(dest)
     labels = _collect_labels(_search_dirs(layout))
-    run = _start_run(dest_root)
-    labels_dir = dest_root / LABELS_DIR_NAME
-    _write_labels(labels, labels_dir, run)
-    _PLACERS[layout.kind](layout, run, on_progress)
+    with output_lock(dest_root, option="--dest"):
+        try:
+            run = _start_run(dest_root)
+            labels_dir = dest_root / LABELS_DIR_NAME
+            _write_labels(labels, labels_dir, run)
+        except OSError as exc:
+            raise ExtractError(f"{dest_root}: cannot write there ({_os_problem(exc)})") from exc
+        _PLACERS[layout.kind](layout, run, on_progress)
     log.info(
         "extract: %s from %s: %d videos written (%d bytes), %d already complete, %d other files skipped",
         layout.kind,

@@ -8,12 +8,15 @@ another `--part`, skip it without reading it back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import multiprocessing
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,11 +24,11 @@ from typing import Any
 
 from ssv2prep.annotations import SPLITS, Annotations, flip_pairs, load_annotations
 from ssv2prep.errors import ConfigError, ShardError
-from ssv2prep.fsutil import atomic_write_json
+from ssv2prep.fsutil import atomic_write_json, output_lock, output_write_error, write_problem
 from ssv2prep.prep.decode import cpu_count
 from ssv2prep.prep.index import SplitSummary, write_classes, write_split_files
 from ssv2prep.prep.plan import ShardSpec, carve_holdout, plan_shards, select_part
-from ssv2prep.prep.shard import ON_ERROR, ShardStats, WriterSettings, write_shard
+from ssv2prep.prep.shard import ON_ERROR, ShardStats, WriterSettings, find_video, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ class ShardConfig:
     seed: int = 0
     on_error: str = "skip"
     max_failed_fraction: float = 0.01
+    max_missing_fraction: float | None = None  # None: the same limit as max_failed_fraction
 
     def validate(self) -> None:
         """Raise ConfigError on a bad value or a missing input folder."""
@@ -64,6 +68,13 @@ class ShardConfig:
             raise ConfigError("--holdout carves from train: include train in --splits")
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise ConfigError(f"--max-failed-fraction must be in [0, 1] (got {self.max_failed_fraction})")
+        if self.max_missing_fraction is not None and not 0.0 <= self.max_missing_fraction <= 1.0:
+            raise ConfigError(f"--max-missing-fraction must be in [0, 1] (got {self.max_missing_fraction})")
+
+    @property
+    def missing_limit(self) -> float:
+        """The tolerated fraction of annotation entries without a video file."""
+        return self.max_failed_fraction if self.max_missing_fraction is None else self.max_missing_fraction
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,15 +153,60 @@ def _load_done(work: Path, out_dir: Path, spec: ShardSpec) -> ShardStats | None:
     return stats if tar.stat().st_size == stats.filesize else None
 
 
-def _remove_stale_temps(out_dir: Path) -> None:
+def _remove_stale_temps(out_dir: Path, specs: list[ShardSpec] | None = None) -> None:
+    """Remove temp shards left by an interrupted run: all of them, or (a `--part` run, beside other parts that may
+    be writing now) those of `specs` only."""
     for tmp in out_dir.glob(".ssv2-*.tar.*.tmp"):
+        if specs is not None and tmp.name[1:].split(".tar.", 1)[0] + ".tar" not in {s.name for s in specs}:
+            continue
         log.info("removing %s left by an interrupted run", tmp.name)
         tmp.unlink(missing_ok=True)
+
+
+def _ignore_sigint() -> None:
+    # Pool workers leave Ctrl-C to the parent, which stops them itself: a worker that took the terminal's SIGINT
+    # would die with a traceback or turn its shard into a failed result.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop every worker now (SIGTERM, then SIGKILL for one that hangs), not after the queue has drained."""
+    # The executor has no public way to stop running calls before Python 3.14; its process table is the only handle.
+    processes = list(getattr(pool, "_processes", {}).values())
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in processes:
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(timeout=5)
+    pool.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _stop_signals_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 def _run_pool(
     todo: list[ShardSpec], job: ShardJob, workers: int, on_shard: Callable[[ShardStats], None]
 ) -> list[ShardStats]:
+    """Write `todo`, calling `on_shard` for each finished shard as it finishes.
+
+    On any exception here (Ctrl-C, SIGTERM turned into KeyboardInterrupt by the CLI, a shard that raised), the
+    queued shards are cancelled, every shard already finished is still passed to `on_shard`, the workers are stopped
+    at once, and the exception propagates. Shards that were being written are left as temp files, which the caller
+    removes.
+    """
     if workers <= 1 or len(todo) <= 1:
         results = []
         for spec in todo:
@@ -158,12 +214,28 @@ def _run_pool(
             on_shard(results[-1])
         return results
     ctx = multiprocessing.get_context("forkserver")
-    results = []
-    with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx) as pool:
+    results: list[ShardStats] = []
+    recorded: set[int] = set()
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_ignore_sigint)
+    futures = []
+    try:
         futures = [pool.submit(job, spec) for spec in todo]
         for fut in as_completed(futures):
             results.append(fut.result())
+            recorded.add(id(fut))
             on_shard(results[-1])
+    except BaseException:
+        # A second Ctrl-C / SIGTERM must not cut short recording the finished shards and stopping the workers.
+        with _stop_signals_ignored():
+            # Stopping the workers breaks the pool, which fails every queued shard (cancelling them first would
+            # trip the executor of Python 3.11 when it then fails them). Shards that finished before stay results.
+            _stop_pool(pool)
+            for fut in futures:
+                if id(fut) not in recorded and fut.done() and not fut.cancelled() and fut.exception() is None:
+                    results.append(fut.result())
+                    on_shard(results[-1])
+        raise
+    pool.shutdown(wait=True)
     return results
 
 
@@ -199,16 +271,49 @@ class TooManyFailuresError(ShardError):
         self.result = result
 
 
-def _check_failures(result: ShardRunResult, limit: float) -> None:
+def _check_failures(result: ShardRunResult, failed_limit: float, missing_limit: float, videos_dir: Path) -> None:
     for s in result.summaries.values():
+        entries = s.ok + s.failed + s.missing
+        if entries and not s.ok:
+            raise TooManyFailuresError(
+                f"split {s.split}: none of its {entries} videos could be used ({s.missing} not found in --videos "
+                f"{videos_dir}, {s.failed} failed); the manifest {s.split} lists each with its reason",
+                result,
+            )
+        if entries and s.missing / entries > missing_limit:
+            raise TooManyFailuresError(
+                f"split {s.split}: {s.missing} of {entries} videos are not in --videos {videos_dir}, more than "
+                f"--max-missing-fraction {missing_limit}; check --videos, or raise that limit",
+                result,
+            )
         videos = s.ok + s.failed
-        if videos and s.failed / videos > limit:
+        if videos and s.failed / videos > failed_limit:
             reasons = {k: v for k, v in s.failure_reasons.items() if k != "missing"}
             raise TooManyFailuresError(
                 f"split {s.split}: {s.failed} of {videos} videos failed ({reasons}), more than "
-                f"--max-failed-fraction {limit}; the manifest {s.split} lists each with its reason",
+                f"--max-failed-fraction {failed_limit}; the manifest {s.split} lists each with its reason",
                 result,
             )
+
+
+def _check_videos_exist(cfg: ShardConfig, plans: dict[str, list[ShardSpec]]) -> None:
+    """Stop before any work when a split has entries but not one of its videos is in `--videos` (a wrong folder)."""
+    for split, specs in plans.items():
+        records = [r for spec in specs for r in spec.records]
+        if records and not any(find_video(cfg.videos_dir, r.video_id) is not None for r in records):
+            raise ShardError(
+                f"--videos {cfg.videos_dir}: none of the {len(records)} {split} videos are there "
+                f"(looked for {records[0].video_id}.webm and the others); point --videos at the folder of <id>.webm"
+            )
+
+
+def _remove_unrecorded(work: Path, out_dir: Path, specs: list[ShardSpec]) -> None:
+    """After an interrupted run: remove temp files and any tar of `specs` that has no work record (a re-run
+    rewrites it anyway), so that every tar left on disk is a recorded, complete shard."""
+    _remove_stale_temps(out_dir, specs)
+    for spec in specs:
+        if not (work / f"{spec.name}.json").is_file():
+            (out_dir / spec.name).unlink(missing_ok=True)
 
 
 def shard_dataset(
@@ -227,18 +332,48 @@ def shard_dataset(
     Raises:
         AnnotationError: bad annotations (before any work).
         ConfigError: bad options, or OUT holds shards of other settings.
-        ShardError: more videos failed than `max_failed_fraction` allows (after writing everything).
+        ShardError: no video of a split is in `videos_dir` (before any work); more videos failed or are missing
+            than `max_failed_fraction` / `max_missing_fraction` allow, or none is usable (after writing everything).
+        OutputLockedError: another run holds OUT.
+        OutputWriteError: OUT cannot be written (full, read-only, denied); finished shards stay recorded.
+        KeyboardInterrupt: stopped by Ctrl-C (or SIGTERM, via the CLI); finished shards stay recorded, temp files
+            and unrecorded tars are removed.
     """
     start = time.perf_counter()
     cfg.validate()
     ann = load_annotations(cfg.labels_dir, cfg.splits)
     plans = plan_all(cfg, ann)
+    _check_videos_exist(cfg, plans)
     settings = settings_record(cfg, plans)
+    try:
+        with contextlib.ExitStack() as locks:
+            # One run per --out; the --part runs of one plan may share it (they write disjoint shards), one per part.
+            locks.enter_context(output_lock(cfg.out_dir, option="--out", shared=cfg.part is not None))
+            if cfg.part is not None:
+                k, n = cfg.part
+                name = f".ssv2prep-part-{k}-of-{n}.lock"
+                locks.enter_context(output_lock(cfg.out_dir, option=f"--part {k}/{n} of --out", name=name))
+            return _shard_locked(cfg, ann, plans, settings, start, on_plan, on_shard)
+    except OSError as exc:
+        if write_problem(exc) is None:
+            raise
+        raise output_write_error(cfg.out_dir, exc, "cannot write shards") from exc
+
+
+def _shard_locked(
+    cfg: ShardConfig,
+    ann: Annotations,
+    plans: dict[str, list[ShardSpec]],
+    settings: dict[str, Any],
+    start: float,
+    on_plan: Callable[[int, int, int], None] | None,
+    on_shard: Callable[[ShardStats], None] | None,
+) -> ShardRunResult:
     work = cfg.out_dir / WORK_DIR
     work.mkdir(parents=True, exist_ok=True)
     _check_settings(work, settings)
-    _remove_stale_temps(cfg.out_dir)
     selected = [spec for specs in plans.values() for spec in select_part(specs, cfg.part)]
+    _remove_stale_temps(cfg.out_dir, selected if cfg.part is not None else None)
     todo = [spec for spec in selected if _load_done(work, cfg.out_dir, spec) is None]
     if on_plan:
         on_plan(len(todo), sum(len(s.records) for s in todo), len(selected) - len(todo))
@@ -249,8 +384,12 @@ def shard_dataset(
             on_shard(stats)
 
     job = ShardJob(cfg.videos_dir, cfg.out_dir, cfg.writer, cfg.on_error)
-    written = _run_pool(todo, job, cfg.workers or cpu_count(), record)
+    try:
+        written = _run_pool(todo, job, cfg.workers or cpu_count(), record)
+    except BaseException:
+        _remove_unrecorded(work, cfg.out_dir, todo)
+        raise
     summaries, incomplete = _finalize(cfg, ann, plans, settings, time.perf_counter() - start)
     result = ShardRunResult(written, len(selected) - len(todo), summaries, incomplete, time.perf_counter() - start)
-    _check_failures(result, cfg.max_failed_fraction)
+    _check_failures(result, cfg.max_failed_fraction, cfg.missing_limit, cfg.videos_dir)
     return result

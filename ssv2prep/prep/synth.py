@@ -36,7 +36,15 @@ import numpy as np
 
 from ssv2prep.annotations import template_to_class
 from ssv2prep.errors import ConfigError, Ssv2PrepError
-from ssv2prep.fsutil import CHUNK_BYTES, atomic_open, atomic_write_bytes, atomic_write_text, file_digest
+from ssv2prep.fsutil import (
+    CHUNK_BYTES,
+    atomic_open,
+    atomic_write_bytes,
+    atomic_write_text,
+    file_digest,
+    output_write_error,
+    write_problem,
+)
 from ssv2prep.prep.manifest import DownloadManifest, ManifestFile, load_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -79,6 +87,16 @@ NOUN_SHAPES = {**SHAPE_NOUNS, **BOX_NOUNS, **SHEET_NOUNS}
 TEXTURES = ("solid", "stripes", "checker", "waves")
 
 
+# SynthConfig fields whose `ssv2prep synth` flag is not the field name in dashes; fps has no flag (a pipeline's or a
+# caller's value), so it is named as the field.
+_SYNTH_FLAGS = {"num_pairs": "--pairs", "num_parts": "--parts", "fps": "fps"}
+
+
+def synth_flag(field_name: str) -> str:
+    """The command-line flag of a SynthConfig field (`num_pairs` -> `--pairs`)."""
+    return _SYNTH_FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
+
+
 @dataclass(frozen=True, slots=True)
 class SynthConfig:
     """What to synthesize. The fields above `package` decide the videos and labels; the rest the package form."""
@@ -97,11 +115,11 @@ class SynthConfig:
     zip_parts: bool = False
 
     def validate(self) -> None:
-        """Raise `ConfigError` naming the first field of the wrong type or out of range."""
+        """Raise `ConfigError` naming the flag (`--pairs`, not `num_pairs`) of the first bad value."""
         for f in fields(self):
             value, want = getattr(self, f.name), type(f.default)
             if not isinstance(value, int) or isinstance(value, bool) != (want is bool):
-                raise ConfigError(f"synth: {f.name}={value!r} must be {want.__name__}")
+                raise ConfigError(f"synth: {synth_flag(f.name)} {value!r} must be {want.__name__}")
         checks = (
             ("num_pairs", 1 <= self.num_pairs <= len(PAIRS), f"1..{len(PAIRS)}"),
             ("train_per_class", self.train_per_class >= 1, ">= 1"),
@@ -116,7 +134,9 @@ class SynthConfig:
         )
         for name, ok, allowed in checks:
             if not ok:
-                raise ConfigError(f"synth: {name}={getattr(self, name)!r} is out of range; allowed: {allowed}")
+                raise ConfigError(
+                    f"synth: {synth_flag(name)} {getattr(self, name)!r} is out of range; allowed: {allowed}"
+                )
 
     def content_key(self) -> dict[str, int]:
         """The fields that decide videos and labels (a re-run into the same folder must match them)."""
@@ -623,11 +643,24 @@ def synthesize(
 
     Returns:
         The paths written, the classes in index order and the number of videos per split.
+
+    Raises:
+        ConfigError: a bad setting (naming its flag), or `out_dir` holds another synthetic dataset.
+        OutputWriteError: `out_dir` cannot be written (full, read-only, denied); the videos already written stay.
     """
     cfg.validate()
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"synth: output {out} exists and is not a folder")
+    try:
+        return _synthesize(out, cfg, on_progress)
+    except OSError as exc:
+        if write_problem(exc) is None:
+            raise
+        raise output_write_error(out, exc, "cannot write the synthetic dataset") from exc
+
+
+def _synthesize(out: Path, cfg: SynthConfig, on_progress: Callable[[int, int], None] | None) -> SynthResult:
     out.mkdir(parents=True, exist_ok=True)
     _check_or_save_config(out, cfg)
     videos_dir, labels_dir = out / VIDEOS_DIRNAME, out / LABELS_DIRNAME

@@ -3,7 +3,10 @@
 Checks per split: the index parses; every shard exists with the recorded size and MD5; each sample has its JSON,
 its `.cls` (when labelled) agreeing with the JSON and the manifest, and `num_frames` JPEGs numbered 0..n-1 that
 decode (or one video member); sample counts equal `nsamples`; the manifest holds each id once, ok = sum of
-`nsamples`, and every ok id is in the shard the manifest names; the stats agree with the manifest.
+`nsamples`, and every ok id is in the shard the manifest names; the stats agree with the manifest; a split has at
+least one sample. Names read from an index (shard urls, the class list, the split) must be plain file names in the
+folder: a `../` or absolute one is a problem, never opened. A split with shards, a manifest or work records but no
+index (an unfinished `--part` run, a deleted index) is a problem too, so that a partial folder never passes.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,10 +28,21 @@ from PIL import Image
 from ssv2prep.errors import ShardError
 from ssv2prep.prep.index import read_classes, read_index, read_manifest
 from ssv2prep.prep.plan import DATASET_NAME
+from ssv2prep.prep.prepare import WORK_DIR
 
 log = logging.getLogger(__name__)
 
 MAX_PROBLEMS_PER_SHARD = 20
+_SPLIT_FILE_RE = re.compile(
+    rf"^{DATASET_NAME}-(?P<split>.+?)(?:-\d{{6}}\.tar(?:\.json)?|\.manifest\.jsonl|\.stats\.json)$"
+)
+
+
+def _plain_name(name: object) -> str | None:
+    """`name` when it is a plain file name (no folder part, not `.`/`..`), else None."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        return None
+    return name
 
 
 @dataclass(slots=True)
@@ -162,6 +177,22 @@ def verify_split(
     """Check one split's shards and files, adding what is wrong to `report`."""
     try:
         index = read_index(index_file)
+    except ShardError as exc:
+        report.problems.append(str(exc))
+        return
+    unsafe = [
+        f"{key} {value!r}"
+        for key, value in [("split", index.get("split")), ("classes", index.get("classes", "classes.json"))]
+        + [("url", e["url"]) for e in index["shardlist"]]
+        if _plain_name(value) is None
+    ]
+    if unsafe:
+        report.problems.append(
+            f"{index_file.name}: names a file outside {index_file.parent} ({', '.join(unsafe[:5])}); refusing to "
+            "read it: an index may only name files beside it"
+        )
+        return
+    try:
         classes = read_classes(index_file, index)
     except ShardError as exc:
         report.problems.append(str(exc))
@@ -185,6 +216,8 @@ def verify_split(
             on_shard(entry["url"])
     report.samples += len(seen)
     report.splits[index["split"]] = len(seen)
+    if not seen and index["shardlist"]:
+        report.problems.append(f"{index_file.name}: split {index['split']} holds no samples at all")
     report.problems += _check_manifest(index_file, index, seen)
 
 
@@ -195,11 +228,36 @@ def verify_folder(
     root = Path(folder)
     indexes = find_indexes(root)
     if not indexes:
+        waiting = unindexed_splits(root, indexes)
+        if waiting:
+            raise ShardError(
+                f"{root}: no shard index (ssv2-<split>.json) found, but shards of {', '.join(sorted(waiting))}: "
+                "unfinished --part runs? re-run shard without --part once all parts are done"
+            )
         raise ShardError(f"{root}: no shard index (ssv2-<split>.json) found")
     report = VerifyReport()
+    for split, tars in sorted(unindexed_splits(root, indexes).items()):
+        report.problems.append(
+            f"split {split}: {tars} shards (or its manifest) but no index {DATASET_NAME}-{split}.json (unfinished "
+            "--part runs, or a deleted index); re-run shard without --part once all parts are done"
+        )
     for index_file in indexes:
         verify_split(index_file, report, decode=decode, on_shard=on_shard)
     return report
+
+
+def unindexed_splits(folder: Path, indexes: list[Path] | None = None) -> dict[str, int]:
+    """Splits with shards, a manifest, stats or shard work records in `folder` but no index: {split: shards}."""
+    indexed = {p.name.removeprefix(f"{DATASET_NAME}-").removesuffix(".json") for p in indexes or find_indexes(folder)}
+    tars: Counter[str] = Counter()
+    for where in (folder, folder / WORK_DIR):
+        if not where.is_dir():
+            continue
+        for path in where.iterdir():
+            match = _SPLIT_FILE_RE.match(path.name)
+            if match and (where == folder or path.name.endswith(".tar.json")):
+                tars[match["split"]] += where == folder and path.name.endswith(".tar")
+    return {split: n for split, n in tars.items() if split not in indexed}
 
 
 def count_shards(folder: str | Path) -> int:

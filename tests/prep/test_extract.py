@@ -565,3 +565,54 @@ def test_parts_are_streamed_never_joined_on_disk(
     assert max(seen) <= largest_video
     assert tree(dest / VIDEO_DIR_NAME) == videos
     assert list(scratch.iterdir()) == []
+
+
+def test_rerun_rewrites_a_video_changed_at_the_same_size(
+    tmp_path: Path, videos: dict[str, bytes], archive: bytes
+) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    write_parts(src, split_bytes(archive, 2))
+    write_loose_labels(src)
+    extract_dataset(src, dest)
+    changed = dest / VIDEO_DIR_NAME / "4.webm"
+    changed.write_bytes(bytes(len(videos["4.webm"])))  # same size, other bytes
+
+    result = extract_dataset(src, dest)
+
+    assert (result.written, result.skipped) == (1, 11)
+    assert tree(dest / VIDEO_DIR_NAME) == videos
+
+
+def test_rerun_of_a_copied_folder_rewrites_a_video_changed_at_the_same_size(
+    tmp_path: Path, videos: dict[str, bytes]
+) -> None:
+    src = tmp_path / "src"
+    (src / VIDEO_DIR_NAME).mkdir(parents=True)
+    for name, data in videos.items():
+        (src / VIDEO_DIR_NAME / name).write_bytes(data)
+    write_loose_labels(src)
+    dest = tmp_path / "dest"
+    extract_dataset(src, dest)
+    target = dest / VIDEO_DIR_NAME / "3.webm"
+    target.unlink()  # break the hard link: an independent copy whose bytes then change
+    target.write_bytes(bytes(len(videos["3.webm"])))
+
+    result = extract_dataset(src, dest)
+
+    assert (result.written, result.skipped) == (1, 11)
+    assert tree(dest / VIDEO_DIR_NAME) == videos
+
+
+def test_a_second_extract_into_the_same_dest_fails_naming_the_holder(tmp_path: Path, archive: bytes) -> None:
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    write_parts(src, split_bytes(archive, 2))
+    write_loose_labels(src)
+    from ssv2prep.fsutil import OutputLockedError, output_lock
+
+    with output_lock(dest):  # this process stands for the first run
+        message = rf"{re.escape(str(dest))}: --dest is in use by process {os.getpid()}"
+        with pytest.raises(OutputLockedError, match=message):
+            extract_dataset(src, dest)
+        assert not (dest / VIDEO_DIR_NAME).exists()  # refused before writing anything
+    assert sorted(p.name for p in dest.iterdir()) == []  # the lock file goes with its holder
+    assert extract_dataset(src, dest).written == 12

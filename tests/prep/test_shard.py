@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from fixtures import copy_dataset, folder_bytes, make_shards, read_json, shard_c
 from PIL import Image
 
 from ssv2prep.annotations import load_annotations
-from ssv2prep.errors import AnnotationError, ConfigError
+from ssv2prep.errors import AnnotationError, ConfigError, ShardError
 from ssv2prep.prep.decode import Resize, decode_video, ffmpeg_binary, ffmpeg_qscale
 from ssv2prep.prep.prepare import WORK_DIR, TooManyFailuresError, shard_dataset
 from ssv2prep.prep.shard import WriterSettings
@@ -366,3 +367,35 @@ def test_ffmpeg_encoder_quantizes_as_the_official_recipe(synth_tiny, tmp_path: P
     buf = io.BytesIO()
     ours.convert("RGB").save(buf, format="JPEG", quality=80, subsampling=2)
     assert pillow.quantization == Image.open(buf).quantization != ours.quantization
+
+
+def test_wrong_videos_folder_is_an_error_before_any_work(synth_tiny, tmp_path: Path) -> None:
+    parent = synth_tiny.videos_dir.parent  # the folder above the videos: no <id>.webm in it
+    with pytest.raises(ShardError, match=rf"--videos {re.escape(str(parent))}: none of the 12 train videos are there"):
+        shard_dataset(shard_config(parent, synth_tiny.labels_dir, tmp_path / "out"))
+    assert not list((tmp_path / "out").glob("ssv2-*"))
+
+
+def test_missing_videos_count_against_the_limit(synth_tiny, tmp_path: Path) -> None:
+    videos, labels = copy_dataset(synth_tiny, tmp_path / "data")
+    ids = [e["id"] for e in read_json(labels / "train.json")]
+    for video_id in ids[:3]:
+        (videos / f"{video_id}.webm").unlink()
+    with pytest.raises(TooManyFailuresError, match=r"split train: 3 of 12 videos are not in --videos .* --max-missing"):
+        shard_dataset(shard_config(videos, labels, tmp_path / "a", splits=("train",), max_failed_fraction=0.1))
+    with pytest.raises(TooManyFailuresError, match=r"3 of 12 videos are not in --videos"):
+        shard_dataset(shard_config(videos, labels, tmp_path / "b", splits=("train",), max_missing_fraction=0.2))
+    result = shard_dataset(
+        shard_config(
+            videos, labels, tmp_path / "c", splits=("train",), max_failed_fraction=0.0, max_missing_fraction=0.25
+        )
+    )
+    assert (result.summaries["train"].ok, result.summaries["train"].missing) == (9, 3)
+
+
+def test_a_split_with_no_usable_video_is_an_error(synth_tiny, tmp_path: Path) -> None:
+    videos, labels = copy_dataset(synth_tiny, tmp_path / "data")
+    for entry in read_json(labels / "validation.json"):
+        (videos / f"{entry['id']}.webm").write_bytes(b"")  # present, but not one decodes
+    with pytest.raises(TooManyFailuresError, match=r"split validation: none of its 4 videos could be used"):
+        shard_dataset(shard_config(videos, labels, tmp_path / "out", splits=("validation",)))

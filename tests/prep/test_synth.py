@@ -315,13 +315,13 @@ def test_rerun_with_other_settings_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
-        ({"num_pairs": 0}, "num_pairs"),
-        ({"num_pairs": len(PAIRS) + 1}, "num_pairs"),
-        ({"train_per_class": 0}, "train_per_class"),
-        ({"height": 8}, "height"),
-        ({"min_frames": 20, "max_frames": 10}, "max_frames"),
-        ({"num_parts": 0}, "num_parts"),
-        ({"num_parts": 101}, "num_parts"),
+        ({"num_pairs": 0}, "--pairs"),
+        ({"num_pairs": len(PAIRS) + 1}, "--pairs"),
+        ({"train_per_class": 0}, "--train-per-class"),
+        ({"height": 8}, "--height"),
+        ({"min_frames": 20, "max_frames": 10}, "--max-frames"),
+        ({"num_parts": 0}, "--parts"),
+        ({"num_parts": 101}, "--parts"),
     ],
 )
 def test_invalid_config_raises_config_error(changes: dict[str, int], field: str, tmp_path: Path) -> None:
@@ -345,9 +345,9 @@ def test_plan_is_deterministic_and_balanced() -> None:
     assert per_class == {(s, template_to_class(t)): n for s, n in expected.items() for t in class_templates(3)}
 
 
-@pytest.mark.parametrize(("changes", "field"), [({"height": 48.0}, "height"), ({"package": 1}, "package")])
+@pytest.mark.parametrize(("changes", "field"), [({"height": 48.0}, "--height"), ({"package": 1}, "--package")])
 def test_wrong_types_raise_config_error(changes: dict[str, object], field: str) -> None:
-    with pytest.raises(ConfigError, match=f"{field}=.* must be"):
+    with pytest.raises(ConfigError, match=f"{field} .* must be"):
         replace(TINY, **changes).validate()
 
 

@@ -1,0 +1,101 @@
+"""`verify`: names from an index never leave the folder; a split without its index is never OK."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from fixtures import read_json, shard_config
+
+from ssv2prep.errors import ShardError
+from ssv2prep.prep.prepare import shard_dataset
+from ssv2prep.prep.verify import verify_folder
+
+
+def copy_shards(tiny_shards: Path, dst: Path) -> Path:
+    shutil.copytree(tiny_shards, dst)
+    return dst
+
+
+def edit_index(path: Path, edit) -> None:
+    index = read_json(path)
+    edit(index)
+    path.write_text(json.dumps(index))
+
+
+def test_tiny_shards_verify_ok(tiny_shards: Path) -> None:
+    report = verify_folder(tiny_shards, decode=False)
+    assert report.ok, report.problems
+    assert report.splits == {"test": 4, "train": 12, "validation": 4}
+
+
+@pytest.mark.parametrize("url", ["../outside.tar", "/ABS/outside.tar", "sub/../../outside.tar"])
+def test_a_shard_url_outside_the_folder_is_refused_not_read(tiny_shards: Path, tmp_path: Path, url: str) -> None:
+    shards = copy_shards(tiny_shards, tmp_path / "shards")
+    # The shard really is outside, byte for byte as the index records it: reading it would pass every check.
+    (shards / "ssv2-validation-000000.tar").rename(tmp_path / "outside.tar")
+    url = url.replace("/ABS", str(tmp_path))
+    edit_index(shards / "ssv2-validation.json", lambda ix: ix["shardlist"][0].update(url=url))
+
+    report = verify_folder(shards, decode=False)
+
+    problems = [p for p in report.problems if "ssv2-validation.json" in p]
+    assert len(problems) == 1 and f"url {url!r}" in problems[0] and "outside" in problems[0], report.problems
+    assert "validation" not in report.splits  # nothing of that split was read
+
+
+def test_a_class_list_outside_the_folder_is_refused(tiny_shards: Path, tmp_path: Path) -> None:
+    shards = copy_shards(tiny_shards, tmp_path / "shards")
+    (shards / "classes.json").rename(tmp_path / "classes.json")
+    edit_index(shards / "ssv2-train.json", lambda ix: ix.update(classes="../classes.json"))
+    report = verify_folder(shards, decode=False)
+    assert any("ssv2-train.json" in p and "classes '../classes.json'" in p for p in report.problems), report.problems
+
+
+def test_a_deleted_index_is_named_and_fails(tiny_shards: Path, tmp_path: Path) -> None:
+    shards = copy_shards(tiny_shards, tmp_path / "shards")
+    (shards / "ssv2-train.json").unlink()
+    report = verify_folder(shards, decode=False)
+    assert not report.ok
+    assert [p for p in report.problems if p.startswith("split train:")] == [
+        "split train: 4 shards (or its manifest) but no index ssv2-train.json (unfinished --part runs, or a deleted "
+        "index); re-run shard without --part once all parts are done"
+    ]
+    assert report.splits == {"test": 4, "validation": 4}  # the others are still checked
+
+
+def test_unfinished_part_runs_fail_naming_each_waiting_split(synth_tiny, tmp_path: Path) -> None:
+    out = tmp_path / "parts"
+    cfg = shard_config(synth_tiny.videos_dir, synth_tiny.labels_dir, out, part=(1, 2), videos_per_shard=4)
+    result = shard_dataset(cfg)
+    assert result.incomplete_splits and result.summaries  # the part left some splits waiting, finished others
+    report = verify_folder(out, decode=False)
+    named = sorted(p.split(":")[0].removeprefix("split ") for p in report.problems if p.startswith("split "))
+    assert named == sorted(result.incomplete_splits)
+    assert set(report.splits) == set(result.summaries)
+
+
+def test_only_part_shards_and_no_index_at_all_is_an_error_naming_the_splits(synth_tiny, tmp_path: Path) -> None:
+    out = tmp_path / "parts"
+    shard_dataset(shard_config(synth_tiny.videos_dir, synth_tiny.labels_dir, out, splits=("train",), part=(1, 2)))
+    with pytest.raises(ShardError, match=r"no shard index .* but shards of train: unfinished --part runs"):
+        verify_folder(out)
+
+
+def test_a_split_with_no_sample_is_a_problem(tiny_shards: Path, tmp_path: Path) -> None:
+    shards = copy_shards(tiny_shards, tmp_path / "shards")
+    empty = tmp_path / "empty.tar"
+    import tarfile
+
+    with tarfile.open(empty, "w"):
+        pass
+    for entry in read_json(shards / "ssv2-validation.json")["shardlist"]:
+        shutil.copy(empty, shards / entry["url"])
+    edit_index(
+        shards / "ssv2-validation.json",
+        lambda ix: [e.update(nsamples=0, filesize=None, md5sum=None) for e in ix["shardlist"]],
+    )
+    report = verify_folder(shards, decode=False)
+    assert "ssv2-validation.json: split validation holds no samples at all" in report.problems
