@@ -2,14 +2,17 @@
 
 Stages, one flat chain per DataLoader worker:
 
-    shards of this rank and worker (reshuffled per epoch in train) -> tar samples (bytes, undecoded)
-    -> shuffle buffer (train) -> frame indices + crop choices (`ClipPlanner`; keeps only the sampled frames' bytes)
-    -> decode those frames and crop/resize in uint8 (`ClipFinisher`) -> batch (+ count of skipped samples)
+    sample ranges of this rank and worker (train: re-planned per epoch) or its shards (eval) -> tar samples
+    (bytes, undecoded) -> shuffle buffer (train) -> frame indices + crop choices (`ClipPlanner`; keeps only the
+    sampled frames' bytes) -> decode those frames and crop/resize in uint8 (`ClipFinisher`) -> batch (+ skip count)
 
 Exact epochs: a train epoch is `steps = num_samples // (world_size * batch_size)` batches on every rank (from the
-index's `nsamples`; drop-last), so DDP ranks never wait on each other. The epoch's shard order is a permutation
-seeded by `(seed, epoch)`, the same on every rank, cut into `world_size * num_workers` disjoint slots; every worker
-yields its share of the rank's steps and cycles over its shards (reshuffled per pass) when they run short.
+index's `nsamples`; drop-last), so DDP ranks never wait on each other, and it reads every sample once, but for
+the fewer than `world_size * batch_size` that do not fill a batch. `plan_train_epoch` lays the shards out in a
+permutation seeded by `(seed, epoch)`, the same on every rank, and cuts that sequence of samples into one piece per
+(rank, worker) slot, exactly the samples the slot's batches need; a shard cut between two slots is read by both,
+each skipping the other's samples by tar header (no JPEG decoded, bytes seeked past). Only when samples fail to
+decode does a worker run short, and it then refills from a further pass over its own ranges.
 Evaluation splits shards by rank then by worker, in index order, without repeats: every sample exactly once.
 
 A sample that fails to decode is skipped, logged and counted: each batch carries `skipped`, the number of samples
@@ -338,18 +341,61 @@ def epoch_shard_order(num_shards: int, *, seed: int, epoch: int) -> list[int]:
     return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(num_shards)]
 
 
-def train_shards(
-    num_shards: int, *, seed: int, epoch: int, rank: int, world_size: int, worker: int, num_workers: int
-) -> list[int]:
-    """Shard indices of one (rank, worker) slot in one epoch: disjoint slots covering every shard.
+@dataclass(frozen=True, slots=True)
+class ShardRange:
+    """Samples `start <= i < stop` (0-based, in stored order) of shard number `shard` of the source."""
 
-    With fewer shards than slots (`world_size * num_workers`), each slot gets one shard and shards repeat.
+    shard: int
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        """How many samples the range holds."""
+        return self.stop - self.start
+
+
+def slot_quotas(num_samples: int, *, world_size: int, num_workers: int, batch_size: int) -> list[int]:
+    """Samples each (rank, worker) slot yields in one train epoch, slot `rank * num_workers + worker` at index k.
+
+    Every rank takes `num_samples // (world_size * batch_size)` batches, shared by its workers as the DataLoader
+    takes them (`batches_for_worker`); `num_workers` 0 counts as 1 (the main process is the one worker).
     """
-    order = epoch_shard_order(num_shards, seed=seed, epoch=epoch)
-    slots, slot = world_size * num_workers, rank * num_workers + worker
-    if num_shards >= slots:
-        return order[slot::slots]
-    return [order[slot % num_shards]]
+    workers = max(1, num_workers)
+    steps = num_samples // (world_size * batch_size)
+    per_worker = [batches_for_worker(steps, w, workers) * batch_size for w in range(workers)]
+    return per_worker * world_size
+
+
+def plan_train_epoch(
+    nsamples: Sequence[int], *, seed: int, epoch: int, world_size: int, num_workers: int, batch_size: int
+) -> list[tuple[ShardRange, ...]]:
+    """Which samples each (rank, worker) slot reads in one train epoch: a pure function of its arguments.
+
+    The epoch's shards, in the order `epoch_shard_order` gives (the same on every rank), form one sequence of
+    `sum(nsamples)` samples; it is cut into consecutive pieces of `slot_quotas` samples, slot 0 first. So every
+    sample belongs to at most one slot, and all but the last `sum(nsamples) % (world_size * batch_size)` (fewer
+    than one batch per rank, at the end of the sequence, so different ones each epoch) to exactly one. A shard
+    cut between two slots is read by both, each skipping the other's samples by their tar headers.
+
+    Returns:
+        `world_size * max(1, num_workers)` tuples of ranges in reading order; slot k = `rank * workers + worker`.
+    """
+    quotas = slot_quotas(sum(nsamples), world_size=world_size, num_workers=num_workers, batch_size=batch_size)
+    shards = iter(epoch_shard_order(len(nsamples), seed=seed, epoch=epoch))
+    shard, pos, size = -1, 0, 0
+    plan: list[tuple[ShardRange, ...]] = []
+    for quota in quotas:
+        ranges: list[ShardRange] = []
+        while quota:
+            if pos == size:  # this shard is used up: open the next one (sum(quotas) <= sum(nsamples))
+                shard, pos = next(shards), 0
+                size = nsamples[shard]
+                continue
+            take = min(quota, size - pos)
+            ranges.append(ShardRange(shard, pos, pos + take))
+            pos, quota = pos + take, quota - take
+        plan.append(tuple(ranges))
+    return plan
 
 
 def eval_shards(num_shards: int, *, rank: int, world_size: int, worker: int, num_workers: int) -> list[int]:
@@ -385,17 +431,26 @@ class _Pending:
     skipped: int
 
 
-def _passes(urls: list[str], shuffle_buffer: int, rng: np.random.Generator) -> Iterator[RawSample]:
-    """Samples of `urls` (in the given order, shuffled through the buffer), then further passes in fresh random
-    shard orders, forever. The buffer drains at the end of each pass, so a sample repeats only in a later pass."""
-    order = list(urls)
+def _range_samples(urls: Sequence[str], ranges: Iterable[ShardRange]) -> Iterator[RawSample]:
+    """The samples of `ranges` in order, each shard opened at its range (samples before it skipped undecoded)."""
+    for piece in ranges:
+        yield from iter_samples(urls[piece.shard], start=piece.start, stop=piece.stop)
+
+
+def _passes(
+    urls: Sequence[str], ranges: tuple[ShardRange, ...], shuffle_buffer: int, rng: np.random.Generator
+) -> Iterator[RawSample]:
+    """Samples of `ranges` (in the given order, shuffled through the buffer), then further passes over the same
+    ranges in fresh random orders, forever. A worker needs a further pass only when samples of its ranges failed to
+    decode; the buffer drains at the end of each pass, so a sample repeats only in a later pass."""
+    order = list(ranges)
     while True:
         count = 0
-        for sample in _shuffled(itertools.chain.from_iterable(map(iter_samples, order)), shuffle_buffer, rng):
+        for sample in _shuffled(_range_samples(urls, order), shuffle_buffer, rng):
             count += 1
             yield sample
         if count == 0:
-            raise ShardError(f"{order[0]}: no samples in this worker's {len(order)} shard(s)")
+            raise ShardError(f"{urls[order[0].shard]}: no samples in this worker's {len(order)} shard range(s)")
         order = [order[i] for i in rng.permutation(len(order))]
 
 
@@ -431,6 +486,7 @@ class StreamConfig:
     rank: int = 0
     world_size: int = 1
     steps: int = 0
+    nsamples: tuple[int, ...] | None = None  # per-shard counts (train: the epoch plan is cut from them)
 
 
 def _prepared(
@@ -509,17 +565,17 @@ class ClipStream(IterableDataset):
         quota = batches_for_worker(cfg.steps, worker, num_workers) - done
         if quota <= 0:
             return
-        ids = train_shards(
-            len(cfg.urls),
+        assert cfg.nsamples is not None  # build_train_loader refuses a source without counts
+        plan = plan_train_epoch(
+            cfg.nsamples,
             seed=cfg.seed,
             epoch=self.epoch,
-            rank=cfg.rank,
             world_size=cfg.world_size,
-            worker=worker,
             num_workers=num_workers,
+            batch_size=cfg.batch_size,
         )
         rng = np.random.default_rng([cfg.seed, self.epoch, cfg.rank, worker])
-        samples = _passes([cfg.urls[i] for i in ids], cfg.shuffle_buffer, rng)
+        samples = _passes(cfg.urls, plan[cfg.rank * num_workers + worker], cfg.shuffle_buffer, rng)
         batches = _batched(_prepared(samples, cfg, rng, replay=done * cfg.batch_size), cfg.batch_size)
         try:
             yield from itertools.islice(batches, quota)
@@ -731,9 +787,6 @@ def build_train_loader(
     steps = total // (world_size * cfg.batch_size)
     if steps == 0:
         raise ConfigError(f"{total} samples are fewer than one batch on each rank ({world_size} x {cfg.batch_size})")
-    slots = world_size * max(1, cfg.num_workers)
-    if len(source.urls) < slots:
-        log.warning("%d shards for %d rank x worker slots: some shards repeat within an epoch", len(source.urls), slots)
     spec = SamplingSpec("train", cfg.num_segments, dense=cfg.dense)
     spec.validate()
     device = _decode_device(cfg, decode_device)
@@ -753,6 +806,7 @@ def build_train_loader(
         rank=rank,
         world_size=world_size,
         steps=steps,
+        nsamples=source.nsamples,
     )
     return TrainLoader(ClipStream(stream), cfg, device, steps=steps)
 

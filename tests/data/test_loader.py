@@ -21,11 +21,13 @@ from ssv2prep.data.loader import (
     ClipFinisher,
     ClipPlanner,
     DataConfig,
+    ShardRange,
     batches_for_worker,
     build_eval_loader,
     build_train_loader,
     eval_shards,
-    train_shards,
+    plan_train_epoch,
+    slot_quotas,
 )
 from ssv2prep.data.sampling import SamplingSpec, segment_centre_indices
 from ssv2prep.data.source import iter_samples, resolve_source, tar_members
@@ -51,6 +53,28 @@ def video_shards(synth_tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("loader-video-shards")
     writer = WriterSettings(format="video")
     return make_shards(synth_tiny.videos_dir, synth_tiny.labels_dir, out, videos_per_shard=2, writer=writer)
+
+
+RAGGED = (5, 4, 3)
+
+
+@pytest.fixture(scope="module")
+def ragged(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 12 train samples re-packed into shards of 5, 4 and 3 (fewer shards than the slots of 2 ranks x 2
+    workers), with their index (`ssv2-train.json`). Read-only."""
+    out = tmp_path_factory.mktemp("ragged-shards")
+    samples = [s for url in resolve_source(str(shards / "ssv2-train.json")).urls for s in iter_samples(url)]
+    shardlist, pos = [], 0
+    for i, n in enumerate(RAGGED):
+        name = f"ssv2-train-{i:06d}.tar"
+        members = [(f"{s.key}.{suffix}", data) for s in samples[pos : pos + n] for suffix, data in s.members.items()]
+        _write_tar(out / name, members)
+        shardlist.append({"url": name, "nsamples": n})
+        pos += n
+    index = json.loads((shards / "ssv2-train.json").read_text())
+    (out / "ssv2-train.json").write_text(json.dumps({**index, "shardlist": shardlist, "num_samples": pos}))
+    shutil.copy(shards / "classes.json", out / "classes.json")
+    return out
 
 
 def stored(folder: Path, split: str) -> dict[str, dict]:
@@ -185,21 +209,77 @@ def test_planner_keeps_only_the_sampled_frames_bytes(shards: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- exact epochs, ranks
-def test_shard_assignment_is_disjoint_complete_and_reshuffled_per_epoch() -> None:
-    for num_shards in (6, 9, 40):
-        orders = []
-        for epoch in (0, 1):
-            slots = [
-                train_shards(num_shards, seed=7, epoch=epoch, rank=r, world_size=2, worker=w, num_workers=2)
-                for r in range(2)
-                for w in range(2)
-            ]
-            flat = [s for slot in slots for s in slot]
-            assert sorted(flat) == list(range(num_shards))
-            orders.append(slots)
-        assert orders[0] != orders[1]
-    # fewer shards than slots: every slot still gets one shard
-    assert [train_shards(3, seed=0, epoch=0, rank=r, world_size=2, worker=0, num_workers=2) != [] for r in (0, 1)]
+def _check_plan(nsamples: list[int], *, world: int, workers: int, batch: int, epochs: int = 2) -> list[float]:
+    """Check the epoch plans against the contract, counting samples (no data); return each epoch's unseen share."""
+    total, slots = sum(nsamples), world * max(1, workers)
+    steps = total // (world * batch)
+    plans, unseen = [], []
+    for epoch in range(epochs):
+        plan = plan_train_epoch(nsamples, seed=11, epoch=epoch, world_size=world, num_workers=workers, batch_size=batch)
+        assert plan == plan_train_epoch(
+            nsamples, seed=11, epoch=epoch, world_size=world, num_workers=workers, batch_size=batch
+        )  # a pure function: every rank and worker computes the same plan
+        assert len(plan) == slots
+        seen = [np.zeros(n, dtype=np.int64) for n in nsamples]
+        for k, ranges in enumerate(plan):
+            worker = k % max(1, workers)
+            count = sum(r.stop - r.start for r in ranges)
+            assert count == batches_for_worker(steps, worker, max(1, workers)) * batch
+            for r in ranges:
+                assert 0 <= r.start < r.stop <= nsamples[r.shard] and len(r) == r.stop - r.start
+                seen[r.shard][r.start : r.stop] += 1
+        for rank in range(world):  # equal steps on every rank
+            rank_samples = sum(
+                len(r) for ranges in plan[rank * slots // world : (rank + 1) * slots // world] for r in ranges
+            )
+            assert rank_samples == steps * batch
+        flat = np.concatenate(seen)
+        assert flat.max() <= 1  # no sample twice in an epoch
+        assert flat.sum() == world * steps * batch and total - flat.sum() < world * batch  # all but < one batch/rank
+        # each cut between slots splits at most one shard: at most one extra range per slot
+        assert sum(len(ranges) for ranges in plan) <= len(nsamples) + slots
+        plans.append(plan)
+        unseen.append((total - flat.sum()) / total)
+    if len(nsamples) >= 6:
+        assert plans[0] != plans[1]  # re-planned every epoch (a new shard order)
+    return unseen
+
+
+@pytest.mark.parametrize(("world", "workers"), [(8, 8), (16, 8)])
+@pytest.mark.parametrize("batch", [8, 64])
+def test_epoch_plan_covers_every_ssv2_clip_once(world: int, workers: int, batch: int) -> None:
+    # SSv2 train as 338 shards of 500: whole shards dealt to 64 (128) slots left 3.8% (8.8%) unseen per epoch
+    unseen = _check_plan([500] * 338, world=world, workers=workers, batch=batch)
+    assert all(u < world * batch / (338 * 500) for u in unseen)
+    ragged = [int(n) for n in np.random.default_rng(0).integers(1, 700, 338)] + [0, 413]
+    _check_plan(ragged, world=world, workers=workers, batch=batch)
+
+
+@pytest.mark.parametrize(
+    ("nsamples", "world", "workers", "batch"),
+    [
+        ([2] * 6, 2, 2, 2),  # the test shards
+        ([5, 4, 3], 2, 4, 1),  # fewer shards than slots
+        ([7], 3, 2, 2),  # one shard for every slot
+        ([3, 0, 9, 1], 1, 0, 5),  # no workers, an empty shard, a remainder of 3
+        ([6, 6], 2, 8, 2),  # fewer steps than workers: some slots read nothing
+    ],
+)
+def test_epoch_plan_small_cases(nsamples: list[int], world: int, workers: int, batch: int) -> None:
+    _check_plan(nsamples, world=world, workers=workers, batch=batch)
+
+
+def test_epoch_plan_cuts_the_epoch_shard_order_in_slot_order() -> None:
+    plan = plan_train_epoch([4, 4, 4], seed=0, epoch=0, world_size=1, num_workers=2, batch_size=3)
+    order = loader_mod.epoch_shard_order(3, seed=0, epoch=0)
+    a, b, c = order
+    # 12 samples, 4 batches of 3: worker 0 takes batches 0 and 2 (6 samples), worker 1 batches 1 and 3
+    assert plan == [(ShardRange(a, 0, 4), ShardRange(b, 0, 2)), (ShardRange(b, 2, 4), ShardRange(c, 0, 4))]
+    assert slot_quotas(12, world_size=1, num_workers=2, batch_size=3) == [6, 6]
+    assert slot_quotas(13, world_size=2, num_workers=0, batch_size=3) == [6, 6]
+
+
+def test_eval_shards_are_disjoint_and_complete() -> None:
     ev = [eval_shards(7, rank=r, world_size=2, worker=w, num_workers=2) for r in range(2) for w in range(2)]
     assert sorted(s for e in ev for s in e) == list(range(7))
     assert [batches_for_worker(7, w, 3) for w in range(3)] == [3, 2, 2]
@@ -222,9 +302,90 @@ def test_train_epochs_are_exact_on_every_rank_with_workers(shards: Path) -> None
             by_epoch[epoch].append([k for b in batches for k in b.keys])
     meta = stored(shards, "train")
     for epoch, (r0, r1) in by_epoch.items():
-        assert not set(r0) & set(r1), f"epoch {epoch}: ranks share shards"
-        assert set(r0) | set(r1) <= set(meta)
+        assert not set(r0) & set(r1), f"epoch {epoch}: ranks share samples"
+        assert len(r0 + r1) == len(set(r0) | set(r1)) == 12 and set(r0) | set(r1) == set(meta)
     assert by_epoch[0] != by_epoch[1]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # more workers than cores
+@pytest.mark.parametrize(
+    ("world", "workers", "batch", "unseen"), [(2, 2, 2, 0), (1, 3, 2, 0), (1, 2, 5, 2), (2, 0, 3, 0)]
+)
+def test_an_epoch_reads_every_clip_once_from_ragged_shards(
+    ragged: Path, world: int, workers: int, batch: int, unseen: int
+) -> None:
+    # 12 samples in shards of 5, 4, 3: dealing whole shards to 4 slots repeated some and left others out
+    src = resolve_source(str(ragged / "ssv2-train.json"))
+    assert src.nsamples == RAGGED
+    cfg = DataConfig(**{**_fields(SMALL), "num_workers": workers, "batch_size": batch})
+    loaders = [build_train_loader(src, cfg, rank=r, world_size=world, seed=3) for r in range(world)]
+    epochs = []
+    for epoch in (0, 1):
+        keys: list[str] = []
+        for loader in loaders:
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == len(loader) == 12 // (world * batch)
+            assert all(len(b.keys) == batch and b.skipped == 0 for b in batches)
+            keys += [k for b in batches for k in b.keys]
+        assert len(keys) == len(set(keys)) == 12 - unseen  # no clip twice, none left out but the remainder
+        assert set(keys) <= set(stored(ragged, "train"))
+        epochs.append(keys)
+    assert epochs[0] != epochs[1]
+
+
+def test_a_rank_decodes_only_its_own_samples(ragged: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # rank 0 of 2 shares shards with rank 1; the other rank's samples are passed over by tar header, undecoded
+    decoded: list[bytes] = []
+    real = loader_mod.decode_one_jpeg
+
+    def counting(data: bytes) -> torch.Tensor:
+        decoded.append(data)
+        return real(data)
+
+    monkeypatch.setattr(loader_mod, "decode_one_jpeg", counting)
+    src = resolve_source(str(ragged / "ssv2-train.json"))
+    cfg = DataConfig(**{**_fields(SMALL), "batch_size": 3})
+    loader = build_train_loader(src, cfg, rank=0, world_size=2, seed=5)
+    keys = [k for b in loader for k in b.keys]
+    assert len(keys) == 6
+    frames = {k: set() for k in stored(ragged, "train")}
+    for url in src.urls:
+        for sample in iter_samples(url):
+            frames[sample.key] |= {data for name, data in sample.members.items() if name.endswith(".jpg")}
+    mine = set().union(*(frames[k] for k in keys))
+    assert decoded and set(decoded) <= mine
+    assert len(decoded) <= T * len(keys)  # at most T distinct frames per clip of this rank
+
+
+def test_an_index_promising_more_samples_than_a_shard_holds_is_a_shard_error(ragged: Path, tmp_path: Path) -> None:
+    for p in ragged.iterdir():
+        shutil.copy(p, tmp_path / p.name)
+    index = json.loads((ragged / "ssv2-train.json").read_text())
+    index["shardlist"][2]["nsamples"] = 9  # the shard holds 3
+    (tmp_path / "ssv2-train.json").write_text(json.dumps(index))
+    loader = build_train_loader(resolve_source(str(tmp_path / "ssv2-train.json")), SMALL, seed=0)
+    with pytest.raises(ShardError, match=r"ssv2-train-000002\.tar: holds 3 samples, fewer than the \d+ its index"):
+        for epoch in range(4):  # in some epoch the plan reads past the shard's third sample
+            loader.set_epoch(epoch)
+            list(loader)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # more workers than cores
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_resuming_mid_epoch_from_ragged_shards_yields_exactly_the_remaining_batches(ragged: Path, workers: int) -> None:
+    # slots now start and end inside shards: a resumed worker re-plans the same ranges and replays its part
+    src = resolve_source(str(ragged / "ssv2-train.json"))
+    loader = build_train_loader(src, DataConfig(**{**_fields(SMALL), "num_workers": workers}), seed=2)
+    for epoch in (0, 3):
+        loader.set_epoch(epoch)
+        full = list(loader)
+        assert len(full) == 6 and len({k for b in full for k in b.keys}) == 12
+        for skip in (1, 3, 5):
+            loader.set_epoch(epoch, skip=skip)
+            rest = list(loader)
+            assert [b.keys for b in rest] == [b.keys for b in full[skip:]]
+            assert all(torch.equal(a.clips, b.clips) for a, b in zip(rest, full[skip:], strict=True))
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # more workers than cores
