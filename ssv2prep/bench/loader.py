@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ssv2prep.data.loader import ClipFinisher, ClipRequest, decode_one_jpeg, num_multiscale_pairs
+from ssv2prep.data.clip import ClipFinisher, ClipRequest, num_multiscale_pairs
+from ssv2prep.data.decode import decode_one_jpeg
 from ssv2prep.data.sampling import segment_random_indices
 from ssv2prep.data.source import RawSample, iter_samples, resolve_source
 from ssv2prep.data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainCrop, draw_train_crop, train_crop_box

@@ -1,15 +1,21 @@
 """Shards -> batches of uint8 clips for training and evaluation (a torch DataLoader over our own IterableDataset).
 
-Stages, one flat chain per DataLoader worker:
+The loader flow, one module per step, one flat chain per DataLoader worker:
 
-    shards of this rank and worker (reshuffled per epoch in train) -> tar samples (bytes, undecoded)
-    -> shuffle buffer (train) -> frame indices + crop choices (`ClipPlanner`; keeps only the sampled frames' bytes)
-    -> decode those frames and crop/resize in uint8 (`ClipFinisher`) -> batch (+ count of skipped samples)
+    `source`  shard spec -> shard urls + counts; tar -> samples (bytes, undecoded; a range skips by tar header)
+    `assign`  which samples each (rank, worker) slot reads (train: re-planned per epoch) or which shards (eval)
+    `stream`  a worker's samples -> shuffle buffer (train) -> clips -> batches (+ skip count)
+    `clip`    per sample: frame indices + crop choices (`ClipPlanner`; keeps only the sampled frames' bytes), then
+              decode those frames and crop/resize in uint8 (`ClipFinisher`, with `decode`)
+    `loader`  (this module) the options, the DataLoader wrappers and the builders
 
 Exact epochs: a train epoch is `steps = num_samples // (world_size * batch_size)` batches on every rank (from the
-index's `nsamples`; drop-last), so DDP ranks never wait on each other. The epoch's shard order is a permutation
-seeded by `(seed, epoch)`, the same on every rank, cut into `world_size * num_workers` disjoint slots; every worker
-yields its share of the rank's steps and cycles over its shards (reshuffled per pass) when they run short.
+index's `nsamples`; drop-last), so DDP ranks never wait on each other, and it reads every sample once, but for
+the fewer than `world_size * batch_size` that do not fill a batch. `plan_train_epoch` lays the shards out in a
+permutation seeded by `(seed, epoch)`, the same on every rank, and cuts that sequence of samples into one piece per
+(rank, worker) slot, exactly the samples the slot's batches need; a shard cut between two slots is read by both,
+each skipping the other's samples by tar header (no JPEG decoded, bytes seeked past). Only when samples fail to
+decode does a worker run short, and it then refills from a further pass over its own ranges.
 Evaluation splits shards by rank then by worker, in index order, without repeats: every sample exactly once.
 
 A sample that fails to decode is skipped, logged and counted: each batch carries `skipped`, the number of samples
@@ -18,59 +24,62 @@ or unreadable stops the loader with a `ShardError` naming it.
 
 `gpu_decode` (or `decode_device=`): workers only sample and plan; the main process decodes the JPEGs on that
 device with `torchvision.io.decode_jpeg` and crops there (the same `ClipFinisher` code as the CPU workers).
+
+The names other modules use are importable from here as before (`ClipPlanner`, `decode_jpegs`, ...).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import itertools
-import json
 import logging
 import math
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
-import av
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
+from torch.utils.data import DataLoader
 
-from ssv2prep.data.sampling import DENSE_WINDOW, SamplingSpec, sample_clips
-from ssv2prep.data.source import RawSample, ShardSource, iter_samples
-from ssv2prep.data.transforms import (
-    EVAL_CROPS,
-    MAX_DISTORT,
-    MULTISCALE_SCALES,
-    TrainCrop,
-    apply_train_crop,
-    draw_train_crop,
-    eval_views,
-    flip_label,
-    normalize_clips,
-    resize_short_side,
-    stack_channels_last,
+from ssv2prep.data.assign import (
+    ShardRange,
+    batches_for_worker,
+    epoch_shard_order,
+    eval_shards,
+    plan_train_epoch,
+    slot_quotas,
 )
-from ssv2prep.errors import ConfigError, DecodeError, SampleError, ShardError, Ssv2PrepError
+from ssv2prep.data.clip import ClipFinisher, ClipPlanner, ClipRequest, num_multiscale_pairs, predecode_video
+from ssv2prep.data.decode import decode_jpegs, decode_one_jpeg, decode_video_frames
+from ssv2prep.data.sampling import DENSE_WINDOW, SamplingSpec
+from ssv2prep.data.source import ShardSource
+from ssv2prep.data.stream import Batch, ClipStream, PendingBatch, StreamConfig, WorkerFailure, finish_pending
+from ssv2prep.data.transforms import EVAL_CROPS, normalize_clips
+from ssv2prep.errors import ConfigError, ShardError
 
 __all__ = [
     "Batch",
+    "ClipFinisher",
+    "ClipPlanner",
+    "ClipRequest",
     "DataConfig",
     "EvalLoader",
+    "ShardRange",
     "TrainLoader",
+    "batches_for_worker",
     "build_eval_loader",
     "build_train_loader",
+    "decode_jpegs",
+    "decode_one_jpeg",
+    "decode_video_frames",
+    "epoch_shard_order",
+    "eval_shards",
     "normalize_clips",
+    "num_multiscale_pairs",
+    "plan_train_epoch",
+    "predecode_video",
+    "slot_quotas",
 ]
 
 log = logging.getLogger(__name__)
-
-VIDEO_MEMBERS = ("webm", "mp4")
-MAX_SKIPS_IN_A_ROW = 1000  # a worker that fails this many samples in a row is reading broken shards, not bad luck
-CPU = torch.device("cpu")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,462 +118,9 @@ class DataConfig:
             raise ConfigError(f"data: dense sampling takes num_segments <= {DENSE_WINDOW} (got {self.num_segments})")
 
 
-class Batch(NamedTuple):
-    """What both loaders yield.
-
-    Attributes:
-        clips: uint8 RGB; train `(B, T, 3, H, W)`, eval `(B, V, T, 3, H, W)` with V = crops * clips views
-            (crop-major, then clip, as the official test code). Channels-last in memory (a permuted
-            `(..., H, W, 3)` buffer, no transposing copy in the workers): `normalize_clips` gives either layout.
-        labels: int64 `(B,)`, -1 where unknown.
-        keys: the B video ids.
-        skipped: samples this batch's worker skipped (decode failures) since its previous batch.
-    """
-
-    clips: torch.Tensor
-    labels: torch.Tensor
-    keys: list[str]
-    skipped: int
-
-
-# ---------------------------------------------------------------------------------------------------- decoding
-@contextlib.contextmanager
-def _torchvision_io() -> Iterator[None]:
-    # torchvision 0.29 marks its image codecs deprecated in favour of torchcodec (not a dependency here); they are
-    # still the fastest libjpeg-turbo/nvjpeg binding we have, so keep the per-call warning out of users' logs
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
-        yield
-
-
-def decode_one_jpeg(data: bytes) -> torch.Tensor:
-    """JPEG bytes -> uint8 RGB `(3, H, W)` on the CPU (libjpeg-turbo through torchvision)."""
-    with _torchvision_io():
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-
-
-def decode_jpegs(jpegs: Sequence[bytes], device: torch.device = CPU) -> torch.Tensor:
-    """JPEG frames of one video -> uint8 `(N, 3, H, W)`, channels-last in memory, on `device` (nvjpeg on CUDA).
-
-    Raises:
-        DecodeError: a frame that is not a decodable JPEG, or frames of different sizes.
-    """
-    try:
-        if device.type == "cpu":
-            frames = [decode_one_jpeg(b) for b in jpegs]
-        else:
-            data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
-            with _torchvision_io():
-                frames = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        return stack_channels_last(frames)
-    except (RuntimeError, ValueError) as exc:
-        raise DecodeError(f"JPEG frame does not decode ({' '.join(str(exc).split())[:200]})") from exc
-
-
-def decode_video_frames(data: bytes, frames: Sequence[int]) -> torch.Tensor:
-    """Video bytes -> uint8 `(len(frames), 3, H, W)` of the frames numbered `frames` (sorted, 0-based).
-
-    Decodes up to the last wanted frame and converts only the wanted ones. Containers can count a frame or two more
-    than decode; wanted frames past the decodable end repeat the last decoded frame.
-
-    Raises:
-        DecodeError: the bytes are not a decodable video, or it has no frames.
-    """
-    wanted, last = set(frames), max(frames)
-    got: dict[int, np.ndarray] = {}
-    prev, count = None, 0
-    try:
-        with av.open(io.BytesIO(data)) as container:
-            for count, frame in enumerate(container.decode(video=0), start=1):
-                if count - 1 in wanted:
-                    got[count - 1] = frame.to_ndarray(format="rgb24")
-                prev = frame
-                if count - 1 >= last:
-                    break
-            if prev is None:
-                raise DecodeError("video has no decodable frames", reason="no_frames")
-            tail = prev.to_ndarray(format="rgb24") if len(got) < len(wanted) else None
-    except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
-        raise DecodeError(f"video does not decode ({' '.join(str(exc).split())[:200]})") from exc
-    if tail is not None:
-        log.debug("video decodes to %d frames; frames %s repeat the last one", count, sorted(wanted - set(got)))
-    rgb = np.stack([got.get(i, tail) for i in frames])
-    return torch.from_numpy(rgb).permute(0, 3, 1, 2)
-
-
-# ------------------------------------------------------------------------------------------------ per sample
-@dataclass(frozen=True, slots=True)
-class ClipRequest:
-    """One sample after sampling and cropping choices, before decoding.
-
-    `frames` are the sorted distinct frame indices the clip(s) use; `order` maps every output frame (clips * T,
-    clip-major) to a position in `frames`. Exactly one of `jpegs` (bytes of `frames` only), `video` (the whole
-    video file) and `decoded` (uint8 `(len(frames), 3, H, W)`) is set.
-    """
-
-    key: str
-    label: int
-    frames: tuple[int, ...]
-    order: tuple[int, ...]
-    crop: TrainCrop | None = None
-    jpegs: tuple[bytes, ...] | None = None
-    video: bytes | None = None
-    decoded: torch.Tensor | None = None
-
-
-def _meta(sample: RawSample) -> dict[str, Any]:
-    raw = sample.members.get("json")
-    if raw is None:
-        return {}
-    try:
-        meta = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DecodeError(f"unreadable {sample.key}.json ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise DecodeError(f"{sample.key}.json is not a JSON object")
-    return meta
-
-
-def _label(sample: RawSample, meta: dict[str, Any]) -> int:
-    raw = sample.members.get("cls")
-    if raw is not None:
-        try:
-            return int(raw.decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise DecodeError(f"{sample.key}.cls is not an integer ({raw[:20]!r})") from exc
-    label = meta.get("label")
-    return label if isinstance(label, int) else -1
-
-
-def _num_frames(sample: RawSample, meta: dict[str, Any], video: str | None) -> int:
-    if video is None:
-        return sum(1 for name in sample.members if name.endswith(".jpg"))
-    count = meta.get("num_frames")
-    if not isinstance(count, int):
-        raise DecodeError(f"{sample.key}.json has no integer num_frames for its .{video}")
-    return count
-
-
-def _jpeg(sample: RawSample, index: int) -> bytes:
-    data = sample.members.get(f"{index:06d}.jpg")
-    if data is None:
-        raise DecodeError(f"sample {sample.key} has no frame {index:06d}.jpg", reason="missing_frame")
-    return data
-
-
-def num_multiscale_pairs(num_scales: int = len(MULTISCALE_SCALES), max_distort: int = MAX_DISTORT) -> int:
-    """How many (width, height) crop pairs the multi-scale crop draws from (10 for the official settings)."""
-    return sum(1 for i in range(num_scales) for j in range(num_scales) if abs(i - j) <= max_distort)
-
-
-@dataclass(frozen=True, slots=True)
-class ClipPlanner:
-    """RawSample -> ClipRequest: frame indices, crop choices and (for a mirrored clip) the swapped label."""
-
-    spec: SamplingSpec
-    flip_prob: float = 0.0
-    flip_pairs: tuple[tuple[int, int], ...] = ()
-
-    def __call__(self, sample: RawSample, rng: np.random.Generator) -> ClipRequest:
-        """Plan one sample (raises SampleError subclasses for a sample that cannot be used)."""
-        meta = _meta(sample)
-        label = _label(sample, meta)
-        video = next((name for name in VIDEO_MEMBERS if name in sample.members), None)
-        flat = [i for clip in sample_clips(_num_frames(sample, meta, video), self.spec, rng) for i in clip]
-        frames = tuple(sorted(set(flat)))
-        where = {f: k for k, f in enumerate(frames)}
-        order = tuple(where[i] for i in flat)
-        crop = None
-        if self.spec.mode == "train":
-            crop = draw_train_crop(rng, num_pairs=num_multiscale_pairs(), flip_prob=self.flip_prob)
-            if crop.flip and label >= 0:
-                label = flip_label(label, self.flip_pairs)
-        if video is not None:
-            return ClipRequest(sample.key, label, frames, order, crop, video=sample.members[video])
-        return ClipRequest(sample.key, label, frames, order, crop, jpegs=tuple(_jpeg(sample, i) for i in frames))
-
-
-def predecode_video(request: ClipRequest) -> ClipRequest:
-    """A video request with its frames decoded on the CPU (workers do this when JPEGs are left to the GPU)."""
-    if request.video is None:
-        return request
-    decoded = decode_video_frames(request.video, request.frames)
-    return ClipRequest(request.key, request.label, request.frames, request.order, request.crop, decoded=decoded)
-
-
-def _in_order(frames: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
-    """`frames[order]` (repeats allowed), skipping the copy when `order` is 0, 1, 2, ... (the usual case)."""
-    if order == tuple(range(frames.shape[0])):
-        return frames
-    return stack_channels_last([frames[i] for i in order])
-
-
-@dataclass(frozen=True, slots=True)
-class ClipFinisher:
-    """ClipRequest -> uint8 clip on a device: train `(T, 3, C, C)`, eval `(V, T, 3, S, S)`."""
-
-    train: bool
-    num_segments: int
-    crop_size: int
-    scale_size: int
-    crops: int = 1
-    full_res: bool = False
-
-    def frames(self, request: ClipRequest, device: torch.device) -> torch.Tensor:
-        """The distinct sampled frames, decoded: uint8 `(len(request.frames), 3, H, W)`."""
-        if request.decoded is not None:
-            return request.decoded.to(device)
-        if request.video is not None:
-            return decode_video_frames(request.video, request.frames).to(device)
-        return decode_jpegs(request.jpegs or (), device)
-
-    def __call__(self, request: ClipRequest, device: torch.device = CPU) -> torch.Tensor:
-        """Decode and transform one clip (raises DecodeError for frames that do not decode)."""
-        frames = self.frames(request, device)
-        if self.train:
-            assert request.crop is not None
-            cropped = apply_train_crop(frames, request.crop, crop_size=self.crop_size, scale_size=self.scale_size)
-            return _in_order(cropped, request.order)
-        clip = _in_order(resize_short_side(frames, self.scale_size), request.order)
-        views = eval_views(
-            clip, crops=self.crops, crop_size=self.crop_size, scale_size=self.scale_size, full_res=self.full_res
-        )
-        return views.reshape(-1, self.num_segments, *views.shape[-3:])
-
-
-# ------------------------------------------------------------------------------------------- shard assignment
-def epoch_shard_order(num_shards: int, *, seed: int, epoch: int) -> list[int]:
-    """The shard permutation of one train epoch (the same on every rank)."""
-    return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(num_shards)]
-
-
-def train_shards(
-    num_shards: int, *, seed: int, epoch: int, rank: int, world_size: int, worker: int, num_workers: int
-) -> list[int]:
-    """Shard indices of one (rank, worker) slot in one epoch: disjoint slots covering every shard.
-
-    With fewer shards than slots (`world_size * num_workers`), each slot gets one shard and shards repeat.
-    """
-    order = epoch_shard_order(num_shards, seed=seed, epoch=epoch)
-    slots, slot = world_size * num_workers, rank * num_workers + worker
-    if num_shards >= slots:
-        return order[slot::slots]
-    return [order[slot % num_shards]]
-
-
-def eval_shards(num_shards: int, *, rank: int, world_size: int, worker: int, num_workers: int) -> list[int]:
-    """Shard indices of one (rank, worker) in evaluation: by rank, then by worker, in index order."""
-    return list(range(num_shards))[rank::world_size][worker::num_workers]
-
-
-def batches_for_worker(steps: int, worker: int, num_workers: int) -> int:
-    """A worker's share of a rank's `steps` batches (DataLoader takes batches from workers in turn)."""
-    return steps // num_workers + (1 if worker < steps % num_workers else 0)
-
-
-# ---------------------------------------------------------------------------------------------- worker stages
-class _Skip:
-    """Marker of a skipped sample in the clip stream."""
-
-
-SKIP = _Skip()
-
-
-@dataclass(frozen=True, slots=True)
-class _Failure:
-    """A loader-stopping error raised in a worker, re-raised in the main process with its one-line message."""
-
-    error: Ssv2PrepError
-
-
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    """A batch whose frames the main process decodes (gpu_decode)."""
-
-    requests: list[ClipRequest]
-    skipped: int
-
-
-def _passes(urls: list[str], shuffle_buffer: int, rng: np.random.Generator) -> Iterator[RawSample]:
-    """Samples of `urls` (in the given order, shuffled through the buffer), then further passes in fresh random
-    shard orders, forever. The buffer drains at the end of each pass, so a sample repeats only in a later pass."""
-    order = list(urls)
-    while True:
-        count = 0
-        for sample in _shuffled(itertools.chain.from_iterable(map(iter_samples, order)), shuffle_buffer, rng):
-            count += 1
-            yield sample
-        if count == 0:
-            raise ShardError(f"{order[0]}: no samples in this worker's {len(order)} shard(s)")
-        order = [order[i] for i in rng.permutation(len(order))]
-
-
-def _shuffled(samples: Iterable[RawSample], size: int, rng: np.random.Generator) -> Iterator[RawSample]:
-    """A shuffle buffer: hold `size` samples and emit a random one as each new one arrives."""
-    if size <= 1:
-        yield from samples
-        return
-    buffer: list[RawSample] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        k = int(rng.integers(size))
-        buffer[k], sample = sample, buffer[k]
-        yield sample
-    for k in rng.permutation(len(buffer)):
-        yield buffer[int(k)]
-
-
-@dataclass(frozen=True, slots=True)
-class StreamConfig:
-    """Everything one worker's stream needs (picklable: workers may be spawned)."""
-
-    urls: tuple[str, ...]
-    train: bool
-    planner: ClipPlanner
-    finisher: ClipFinisher
-    decode_in_worker: bool
-    batch_size: int
-    shuffle_buffer: int = 1
-    seed: int = 0
-    rank: int = 0
-    world_size: int = 1
-    steps: int = 0
-
-
-def _prepared(
-    samples: Iterable[RawSample], cfg: StreamConfig, rng: np.random.Generator, *, replay: int = 0
-) -> Iterator[Any]:
-    """Samples -> finished clips (or pending requests), with SKIP for each sample that could not be used.
-
-    The first `replay` usable samples are only planned, not decoded or yielded: this draws the same random numbers
-    as producing them would, so a stream resumed mid-epoch continues exactly where the interrupted one was (unless
-    one of the replayed samples would have failed to decode: that is only found by decoding).
-    """
-    in_a_row = 0
-    for sample in samples:
-        try:
-            request = cfg.planner(sample, rng)
-            if replay:
-                replay, in_a_row = replay - 1, 0
-                continue
-            item = (request, cfg.finisher(request)) if cfg.decode_in_worker else (predecode_video(request), None)
-        except SampleError as exc:
-            log.warning("skipped sample %s of %s: %s", sample.key, sample.url, exc)
-            in_a_row += 1
-            if in_a_row >= MAX_SKIPS_IN_A_ROW:
-                raise ShardError(f"{sample.url}: {in_a_row} samples in a row failed to decode (last: {exc})") from exc
-            if not replay:  # skips in the replayed part were counted before the interruption
-                yield SKIP
-            continue
-        in_a_row = 0
-        yield item
-
-
-def _make_batch(items: list[tuple[ClipRequest, torch.Tensor | None]], skipped: int) -> Batch | _Pending:
-    if items and items[0][1] is None:
-        return _Pending([request for request, _ in items], skipped)
-    clips = stack_channels_last([clip for _, clip in items]) if items else torch.zeros((0,), dtype=torch.uint8)
-    labels = torch.tensor([request.label for request, _ in items], dtype=torch.int64)
-    return Batch(clips, labels, [request.key for request, _ in items], skipped)
-
-
-def _batched(items: Iterable[Any], batch_size: int) -> Iterator[Batch | _Pending]:
-    """Full batches, then the remainder (possibly empty, carrying only trailing skips) when the stream ends."""
-    buffer: list[Any] = []
-    skipped = 0
-    for item in items:
-        if item is SKIP:
-            skipped += 1
-            continue
-        buffer.append(item)
-        if len(buffer) == batch_size:
-            yield _make_batch(buffer, skipped)
-            buffer, skipped = [], 0
-    if buffer or skipped:
-        yield _make_batch(buffer, skipped)
-
-
-class ClipStream(IterableDataset):
-    """The per-worker stream of batches (an IterableDataset; DataLoader runs one copy per worker).
-
-    `epoch` and `skip` (train batches of the epoch already consumed, when resuming mid-epoch) are read when
-    iteration starts: set them before creating the DataLoader iterator.
-    """
-
-    def __init__(self, cfg: StreamConfig) -> None:
-        """Wrap a stream configuration."""
-        super().__init__()
-        self.cfg = cfg
-        self.epoch = 0
-        self.skip = 0
-
-    def _train_batches(self, loader_worker: int, num_workers: int) -> Iterator[Batch | _Pending]:
-        cfg = self.cfg
-        # Batch i of an epoch is the (i // W)-th batch of worker i % W. After `skip` batches the DataLoader's first
-        # worker must produce batch `skip`, so loader worker j plays worker (j + skip) % W, minus what it has done.
-        worker = (loader_worker + self.skip) % num_workers
-        done = batches_for_worker(self.skip, worker, num_workers)
-        quota = batches_for_worker(cfg.steps, worker, num_workers) - done
-        if quota <= 0:
-            return
-        ids = train_shards(
-            len(cfg.urls),
-            seed=cfg.seed,
-            epoch=self.epoch,
-            rank=cfg.rank,
-            world_size=cfg.world_size,
-            worker=worker,
-            num_workers=num_workers,
-        )
-        rng = np.random.default_rng([cfg.seed, self.epoch, cfg.rank, worker])
-        samples = _passes([cfg.urls[i] for i in ids], cfg.shuffle_buffer, rng)
-        batches = _batched(_prepared(samples, cfg, rng, replay=done * cfg.batch_size), cfg.batch_size)
-        try:
-            yield from itertools.islice(batches, quota)
-        finally:
-            batches.close()
-
-    def _eval_batches(self, worker: int, num_workers: int) -> Iterator[Batch | _Pending]:
-        cfg = self.cfg
-        ids = eval_shards(
-            len(cfg.urls), rank=cfg.rank, world_size=cfg.world_size, worker=worker, num_workers=num_workers
-        )
-        rng = np.random.default_rng([cfg.seed, cfg.rank, worker])
-        samples = itertools.chain.from_iterable(iter_samples(cfg.urls[i]) for i in ids)
-        yield from _batched(_prepared(samples, cfg, rng), cfg.batch_size)
-
-    def __iter__(self) -> Iterator[Batch | _Pending | _Failure]:
-        """Batches of this worker; a loader-stopping error comes last, as a `_Failure` item."""
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        batches = self._train_batches if self.cfg.train else self._eval_batches
-        try:
-            yield from batches(worker, num_workers)
-        except Ssv2PrepError as exc:
-            yield _Failure(exc)
-
-
-# -------------------------------------------------------------------------------------------- main-process side
 def _passthrough(item: Any) -> Any:
     """DataLoader collate for already-batched items (a top-level function, so spawned workers can pickle it)."""
     return item
-
-
-def _finish_pending(pending: _Pending, finisher: ClipFinisher, device: torch.device) -> Batch:
-    """Decode a pending batch on `device`; a sample that fails there is skipped and counted like in a worker."""
-    done: list[tuple[ClipRequest, torch.Tensor]] = []
-    skipped = pending.skipped
-    for request in pending.requests:
-        try:
-            done.append((request, finisher(request, device)))
-        except SampleError as exc:
-            log.warning("skipped sample %s: %s", request.key, exc)
-            skipped += 1
-    batch = _make_batch(done, skipped)
-    assert isinstance(batch, Batch)
-    return batch
 
 
 class _LoaderBase:
@@ -592,11 +148,11 @@ class _LoaderBase:
             generator=torch.Generator().manual_seed(0),
         )
         for item in loader:
-            if isinstance(item, _Failure):
+            if isinstance(item, WorkerFailure):
                 raise item.error
-            if isinstance(item, _Pending):
+            if isinstance(item, PendingBatch):
                 assert self.decode_device is not None
-                item = _finish_pending(item, self.stream.cfg.finisher, self.decode_device)
+                item = finish_pending(item, self.stream.cfg.finisher, self.decode_device)
             self.skipped += item.skipped
             yield item
 
@@ -680,7 +236,6 @@ class EvalLoader(_LoaderBase):
                 yield batch
 
 
-# ------------------------------------------------------------------------------------------------------ builders
 def _decode_device(cfg: DataConfig, decode_device: torch.device | str | None) -> torch.device | None:
     if decode_device is not None:
         return torch.device(decode_device)
@@ -731,9 +286,6 @@ def build_train_loader(
     steps = total // (world_size * cfg.batch_size)
     if steps == 0:
         raise ConfigError(f"{total} samples are fewer than one batch on each rank ({world_size} x {cfg.batch_size})")
-    slots = world_size * max(1, cfg.num_workers)
-    if len(source.urls) < slots:
-        log.warning("%d shards for %d rank x worker slots: some shards repeat within an epoch", len(source.urls), slots)
     spec = SamplingSpec("train", cfg.num_segments, dense=cfg.dense)
     spec.validate()
     device = _decode_device(cfg, decode_device)
@@ -753,6 +305,7 @@ def build_train_loader(
         rank=rank,
         world_size=world_size,
         steps=steps,
+        nsamples=source.nsamples,
     )
     return TrainLoader(ClipStream(stream), cfg, device, steps=steps)
 

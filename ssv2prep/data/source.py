@@ -30,7 +30,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -392,63 +392,161 @@ def _header(block: bytes, offset: int) -> tuple[str, int, bytes]:
     return name.decode("utf-8", "surrogateescape"), _octal(block[124:136]), block[156:157]
 
 
+class _TarReader:
+    """A forward-only reader of a tar stream: member headers, then each member's data read or skipped.
+
+    A small reader of our own rather than `tarfile`'s stream mode, which costs several times more per member (a
+    shard has ~50 small JPEG members per video), and which cannot skip a member without reading its bytes. Handles
+    USTAR, GNU long names and pax paths/sizes. Errors are `tarfile.ReadError`.
+    """
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        """Read from `stream`, positioned at a member header (the start of the tar)."""
+        self.stream = stream
+        self.offset = 0  # bytes of the tar consumed so far (for messages)
+        self._pending = 0  # data + padding bytes of the current member not yet consumed
+        self._size = 0  # data bytes of the current member
+        try:
+            self._seekable = stream.seekable()
+        except (AttributeError, OSError, ValueError):
+            self._seekable = False
+
+    def next_member(self) -> tuple[str, int] | None:
+        """(name, size) of the next regular file, positioned at its data; None at the end-of-archive marker."""
+        self.skip_data()  # a member whose data the caller neither read nor skipped
+        long_name: str | None = None
+        pax: dict[str, str] = {}
+        while True:
+            block = self.stream.read(TAR_BLOCK)
+            if len(block) < TAR_BLOCK and block:
+                block += _read_exact(self.stream, TAR_BLOCK - len(block))
+            if block == ZERO_BLOCK:
+                return None
+            if not block:
+                raise tarfile.ReadError(
+                    "empty file" if self.offset == 0 else f"no end-of-archive marker after byte {self.offset}"
+                )
+            name, size, kind = _header(block, self.offset)
+            size = int(pax.get("size", size))
+            self.offset += TAR_BLOCK
+            self._pending = size + (-size % TAR_BLOCK)
+            if kind in (b"0", b"\0", b"7"):
+                self._size = size
+                return long_name or pax.get("path") or name, size
+            if kind == b"L":
+                long_name = self._take(size).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            elif kind == b"x":
+                pax = _pax_records(self._take(size))
+            else:  # directories, links, global pax headers: nothing a sample uses
+                self.skip_data()
+                if kind != b"g":
+                    long_name, pax = None, {}
+
+    def _take(self, size: int) -> bytes:
+        data = _read_exact(self.stream, size)
+        _read_exact(self.stream, self._pending - size)
+        self.offset += self._pending
+        self._pending = 0
+        return data
+
+    def read_data(self) -> bytes:
+        """The current member's bytes (once)."""
+        return self._take(self._size)
+
+    def skip_data(self) -> None:
+        """Pass over the current member's bytes without keeping them: a seek when the stream can, else a drain."""
+        left, self._pending = self._pending, 0
+        self.offset += left
+        if not left:
+            return
+        if self._seekable:
+            self.stream.seek(left, 1)  # past the end is found by the next header read
+            return
+        while left:
+            chunk = self.stream.read(min(left, DRAIN_CHUNK_BYTES))
+            if not chunk:
+                raise tarfile.ReadError(f"unexpected end of data ({left} bytes missing)")
+            left -= len(chunk)
+
+
 def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of every regular file of a tar stream, in order (USTAR, GNU long names and pax paths).
 
-    A small reader of our own rather than `tarfile`'s stream mode, which costs several times more per member (a
-    shard has ~50 small JPEG members per video). Raises `tarfile.ReadError` for a stream that is not a whole tar.
+    Raises `tarfile.ReadError` for a stream that is not a whole tar.
     """
-    offset, long_name, pax = 0, None, {}
-    while True:
-        block = stream.read(TAR_BLOCK)
-        if len(block) < TAR_BLOCK and block:
-            block += _read_exact(stream, TAR_BLOCK - len(block))
-        if block == ZERO_BLOCK:
-            return
-        if not block:
-            raise tarfile.ReadError("empty file" if offset == 0 else f"no end-of-archive marker after byte {offset}")
-        name, size, kind = _header(block, offset)
-        size = int(pax.get("size", size))
-        data = _read_exact(stream, size)
-        _read_exact(stream, -size % TAR_BLOCK)
-        offset += TAR_BLOCK + size + (-size % TAR_BLOCK)
-        if kind == b"L":
-            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        elif kind == b"x":
-            pax = _pax_records(data)
-        elif kind != b"g":
-            if kind in (b"0", b"\0", b"7"):
-                yield long_name or pax.get("path") or name, data
-            long_name, pax = None, {}
+    reader = _TarReader(stream)
+    while (member := reader.next_member()) is not None:
+        yield member[0], reader.read_data()
 
 
-def _grouped(stream: IO[bytes], url: str) -> Iterator[RawSample]:
+def read_samples(
+    stream: IO[bytes], url: str, *, start: int = 0, stop: int | None = None
+) -> Generator[RawSample, None, int | None]:
+    """Samples `start <= i < stop` (0-based, stored order) of a tar stream, members grouped by key.
+
+    Members of samples before `start` are passed over by their headers alone (their bytes are seeked past, or
+    drained for a stream that cannot seek, and never kept); reading ends at the first header of sample `stop`.
+    The generator's return value is the number of samples the stream holds when it was read to its end, or None
+    when reading stopped early at sample `stop`.
+
+    Raises:
+        tarfile.ReadError: the stream is not a readable tar.
+    """
+    reader = _TarReader(stream)
     key: str | None = None
-    members: dict[str, bytes] = {}
-    for name, data in tar_members(stream):
-        name_key, suffix = _split_name(name)
+    members: dict[str, bytes] | None = None
+    ordinal = -1
+    while (member := reader.next_member()) is not None:
+        name_key, suffix = _split_name(member[0])
         if not suffix:
             continue
         if name_key != key:
-            if key is not None:
+            if members is not None and key is not None:
                 yield RawSample(key, members, url)
-            key, members = name_key, {}
-        members[suffix] = data
-    if key is not None:
+            key, ordinal = name_key, ordinal + 1
+            if stop is not None and ordinal >= stop:
+                return None
+            members = {} if ordinal >= start else None
+        if members is None:
+            reader.skip_data()
+        else:
+            members[suffix] = reader.read_data()
+    if members is not None and key is not None:
         yield RawSample(key, members, url)
+    return ordinal + 1
 
 
-def iter_samples(url: str) -> Iterator[RawSample]:
+class _LeftEarly(Exception):
+    """Raised inside an open shard to close it without reading the rest (a `pipe:` command is then stopped)."""
+
+
+def iter_samples(url: str, *, start: int = 0, stop: int | None = None) -> Iterator[RawSample]:
     """Stream the samples of one shard in stored order (members grouped by key; bytes are not decoded).
 
+    `start`/`stop` select samples `start <= i < stop` (0-based): the ones before `start` are skipped by their tar
+    headers alone, and the shard is closed after sample `stop - 1` (see `read_samples`).
+
     Raises:
-        ShardError: the shard is missing, cannot be fetched, or is not a readable tar (also mid-way).
+        ShardError: the shard is missing, cannot be fetched, is not a readable tar (also mid-way), or holds fewer
+            than `stop` samples (an index that does not match its shards).
     """
     count = 0
-    with open_shard(url) as stream:
+    with contextlib.suppress(_LeftEarly), open_shard(url) as stream:
+        samples = read_samples(stream, url, start=start, stop=stop)
         try:
-            for sample in _grouped(stream, url):
+            while True:
+                try:
+                    sample = next(samples)
+                except StopIteration as end:
+                    held = end.value
+                    break
                 count += 1
                 yield sample
         except (tarfile.TarError, EOFError, OSError, ValueError, http.client.HTTPException) as exc:
-            raise ShardError(f"{url}: unreadable shard after {count} samples ({exc})") from exc
+            raise ShardError(f"{url}: unreadable shard after {start + count} samples ({exc})") from exc
+        if held is None:
+            raise _LeftEarly
+        if stop is not None and held < stop:
+            raise ShardError(
+                f"{url}: holds {held} samples, fewer than the {stop} its index counts (index and shards do not match)"
+            )

@@ -69,13 +69,17 @@ def shift_split(channels: int, fold_div: int, mode: str) -> tuple[int, int]:
 
 
 def _clip_view(x: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """View `(N*T, C, H, W)` as `(N, T, C, H, W)`."""
+    """View `(N*T, C, H, W)` as `(N, T, C, H, W)`, keeping `x`'s memory layout (no copy).
+
+    Splitting one dimension is a legal view for any strides, so a channels-last input stays channels-last (a
+    `.contiguous()` here would make every shifted conv of a channels-last model pay two layout copies).
+    """
     if x.dim() != 4:
         raise ValueError(f"temporal shift expects a (N*T, C, H, W) tensor, got shape {tuple(x.shape)}")
     if num_segments < 1 or x.shape[0] % num_segments:
         raise ValueError(f"temporal shift: batch dimension {x.shape[0]} is not a multiple of T={num_segments}")
     nt, c, h, w = x.shape
-    return x.contiguous().view(nt // num_segments, num_segments, c, h, w)
+    return x.view(nt // num_segments, num_segments, c, h, w)
 
 
 # Below this many elements a two-way shift takes the official zero-fill-then-copy sequence (4 kernel launches)
@@ -86,11 +90,11 @@ def _clip_view(x: torch.Tensor, num_segments: int) -> torch.Tensor:
 SMALL_TENSOR_NUMEL = 1 << 18
 
 
-def _fill_shifted(out: torch.Tensor, x: torch.Tensor, lo: int, hi: int, *, from_next: bool) -> None:
-    """Write channels [lo, hi) of `out` (N, T, C, H, W) from the neighbouring frame of `x`; zero the clip end."""
+def _fill_shifted(out: torch.Tensor, x: torch.Tensor, lo: int, hi: int, *, step: int) -> None:
+    """Channels [lo, hi) of `out` (N, T, C, H, W) at t take `x` at t+step (step +1 or -1); zero the clip end."""
     if hi <= lo:
         return
-    if from_next:
+    if step > 0:
         out[:, :-1, lo:hi].copy_(x[:, 1:, lo:hi])
         out[:, -1, lo:hi].zero_()
     else:
@@ -98,25 +102,34 @@ def _fill_shifted(out: torch.Tensor, x: torch.Tensor, lo: int, hi: int, *, from_
         out[:, 0, lo:hi].zero_()
 
 
-def _zeros_then_copy(x5: torch.Tensor, n_a: int, n_b: int, *, a_from_next: bool) -> torch.Tensor:
-    """The official way on `(N, T, C, H, W)`: zero-fill a new tensor, then assign the three channel groups."""
+def _zeros_then_copy(x5: torch.Tensor, from_next: int, from_prev: int, *, reverse: bool) -> torch.Tensor:
+    """The official way on `(N, T, C, H, W)`: zero-fill a new tensor, then assign the three channel groups.
+
+    `from_next` leading channels come from t+1 and the next `from_prev` from t-1; `reverse` swaps the two
+    directions (the adjoint shift, which is the gradient). The output has `x5`'s layout (`zeros_like`).
+    """
     out = torch.zeros_like(x5)
-    a_src, a_dst = (slice(1, None), slice(None, -1)) if a_from_next else (slice(None, -1), slice(1, None))
-    out[:, a_dst, :n_a] = x5[:, a_src, :n_a]
-    out[:, a_src, n_a : n_a + n_b] = x5[:, a_dst, n_a : n_a + n_b]
-    out[:, :, n_a + n_b :] = x5[:, :, n_a + n_b :]
+    later, earlier = slice(1, None), slice(None, -1)
+    src, dst = (earlier, later) if reverse else (later, earlier)
+    out[:, dst, :from_next] = x5[:, src, :from_next]
+    out[:, src, from_next : from_next + from_prev] = x5[:, dst, from_next : from_next + from_prev]
+    out[:, :, from_next + from_prev :] = x5[:, :, from_next + from_prev :]
     return out
 
 
-def _shift_once(x: torch.Tensor, num_segments: int, n_a: int, n_b: int, *, a_from_next: bool) -> torch.Tensor:
-    """Channels [0, n_a) from t+1 (t-1 if not a_from_next), [n_a, n_a+n_b) the other way, the rest unchanged."""
+def _shift_once(x: torch.Tensor, num_segments: int, from_next: int, from_prev: int, *, reverse: bool) -> torch.Tensor:
+    """Channels [0, from_next) from t+1, the next from_prev from t-1, the rest unchanged; `reverse` swaps t+1/t-1.
+
+    The output keeps the memory layout of `x` (channels-last stays channels-last): `empty_like`/`zeros_like`
+    preserve the strides of the dense `(N, T, C, H, W)` view, and merging its first two dimensions back is a view.
+    """
     x5 = _clip_view(x, num_segments)
-    if n_a and n_b and x5.numel() < SMALL_TENSOR_NUMEL:
-        return _zeros_then_copy(x5, n_a, n_b, a_from_next=a_from_next).view(x.shape)
+    if from_next and from_prev and x5.numel() < SMALL_TENSOR_NUMEL:
+        return _zeros_then_copy(x5, from_next, from_prev, reverse=reverse).view(x.shape)
     out = torch.empty_like(x5)
-    _fill_shifted(out, x5, 0, n_a, from_next=a_from_next)
-    _fill_shifted(out, x5, n_a, n_a + n_b, from_next=not a_from_next)
-    out[:, :, n_a + n_b :].copy_(x5[:, :, n_a + n_b :])
+    _fill_shifted(out, x5, 0, from_next, step=-1 if reverse else 1)
+    _fill_shifted(out, x5, from_next, from_next + from_prev, step=1 if reverse else -1)
+    out[:, :, from_next + from_prev :].copy_(x5[:, :, from_next + from_prev :])
     return out.view(x.shape)
 
 
@@ -128,14 +141,16 @@ class _ShiftFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, num_segments: int, n_a: int, n_b: int, a_from_next: bool) -> torch.Tensor:  # type: ignore[override]
-        ctx.shift_args = (num_segments, n_a, n_b, a_from_next)
-        return _shift_once(x, num_segments, n_a, n_b, a_from_next=a_from_next)
+    def forward(  # type: ignore[override]
+        ctx, x: torch.Tensor, num_segments: int, from_next: int, from_prev: int, reverse: bool
+    ) -> torch.Tensor:
+        ctx.shift_args = (num_segments, from_next, from_prev, reverse)
+        return _shift_once(x, num_segments, from_next, from_prev, reverse=reverse)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        num_segments, n_a, n_b, a_from_next = ctx.shift_args
-        grad_in = _ShiftFunction.apply(grad_out, num_segments, n_a, n_b, not a_from_next)
+        num_segments, from_next, from_prev, reverse = ctx.shift_args
+        grad_in = _ShiftFunction.apply(grad_out, num_segments, from_next, from_prev, not reverse)
         return grad_in, None, None, None, None
 
 
@@ -148,22 +163,23 @@ def temporal_shift(x: torch.Tensor, num_segments: int, fold_div: int, mode: str 
     is the reverse shift, computed the same way, rather than autograd through slice copies.
 
     Args:
-        x: float tensor `(N*T, C, H, W)`, frame-major inside each clip. Non-contiguous input is made contiguous.
+        x: float tensor `(N*T, C, H, W)`, frame-major inside each clip, in any memory layout.
         num_segments: T, the number of frames per clip.
         fold_div: 1/fold_div of the channels moves each way; `SHIFT_ALL` (1) moves all channels.
         mode: `"bidirectional"` or `"unidirectional"`.
 
     Returns:
-        A new tensor of the same shape, dtype and device as `x`; differentiable (also twice).
+        A new tensor of the same shape, dtype, device and memory layout as `x` (channels-last in, channels-last
+        out; a non-dense input gives a contiguous output); differentiable (also twice), the gradient likewise.
 
     Raises:
         ConfigError: for an unknown mode or a fold_div below 1.
         ValueError: when `x` is not 4-D or its first dimension is not a multiple of `num_segments`.
     """
-    n_next, n_prev = shift_split(x.shape[1], fold_div, mode)
+    from_next, from_prev = shift_split(x.shape[1], fold_div, mode)
     if torch.is_grad_enabled() and x.requires_grad:
-        return _ShiftFunction.apply(x, num_segments, n_next, n_prev, True)
-    return _shift_once(x, num_segments, n_next, n_prev, a_from_next=True)
+        return _ShiftFunction.apply(x, num_segments, from_next, from_prev, False)
+    return _shift_once(x, num_segments, from_next, from_prev, reverse=False)
 
 
 def temporal_shift_zeros_copy(
@@ -173,8 +189,8 @@ def temporal_shift_zeros_copy(
 
     Same contract and same values as `temporal_shift`; kept as the baseline for tests and benchmarks.
     """
-    n_next, n_prev = shift_split(x.shape[1], fold_div, mode)
-    return _zeros_then_copy(_clip_view(x, num_segments), n_next, n_prev, a_from_next=True).view(x.shape)
+    from_next, from_prev = shift_split(x.shape[1], fold_div, mode)
+    return _zeros_then_copy(_clip_view(x, num_segments), from_next, from_prev, reverse=False).view(x.shape)
 
 
 ShiftFn = Callable[[torch.Tensor, int, int, str], torch.Tensor]

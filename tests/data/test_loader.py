@@ -15,17 +15,14 @@ import torch
 from fixtures import make_shards
 from httpserver import FaultyServer
 
-from ssv2prep.data import loader as loader_mod
+from ssv2prep.data import decode as decode_mod
 from ssv2prep.data.loader import (
     Batch,
     ClipFinisher,
     ClipPlanner,
     DataConfig,
-    batches_for_worker,
     build_eval_loader,
     build_train_loader,
-    eval_shards,
-    train_shards,
 )
 from ssv2prep.data.sampling import SamplingSpec, segment_centre_indices
 from ssv2prep.data.source import iter_samples, resolve_source, tar_members
@@ -51,6 +48,28 @@ def video_shards(synth_tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("loader-video-shards")
     writer = WriterSettings(format="video")
     return make_shards(synth_tiny.videos_dir, synth_tiny.labels_dir, out, videos_per_shard=2, writer=writer)
+
+
+RAGGED = (5, 4, 3)
+
+
+@pytest.fixture(scope="module")
+def ragged(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 12 train samples re-packed into shards of 5, 4 and 3 (fewer shards than the slots of 2 ranks x 2
+    workers), with their index (`ssv2-train.json`). Read-only."""
+    out = tmp_path_factory.mktemp("ragged-shards")
+    samples = [s for url in resolve_source(str(shards / "ssv2-train.json")).urls for s in iter_samples(url)]
+    shardlist, pos = [], 0
+    for i, n in enumerate(RAGGED):
+        name = f"ssv2-train-{i:06d}.tar"
+        members = [(f"{s.key}.{suffix}", data) for s in samples[pos : pos + n] for suffix, data in s.members.items()]
+        _write_tar(out / name, members)
+        shardlist.append({"url": name, "nsamples": n})
+        pos += n
+    index = json.loads((shards / "ssv2-train.json").read_text())
+    (out / "ssv2-train.json").write_text(json.dumps({**index, "shardlist": shardlist, "num_samples": pos}))
+    shutil.copy(shards / "classes.json", out / "classes.json")
+    return out
 
 
 def stored(folder: Path, split: str) -> dict[str, dict]:
@@ -154,13 +173,13 @@ def test_http_source_from_the_faulty_server(shards: Path) -> None:
 # ------------------------------------------------------------------------------------------ decode only sampled
 def test_only_the_sampled_frames_are_decoded(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     decoded: list[bytes] = []
-    real = loader_mod.decode_one_jpeg
+    real = decode_mod.decode_one_jpeg
 
     def counting(data: bytes) -> torch.Tensor:
         decoded.append(data)
         return real(data)
 
-    monkeypatch.setattr(loader_mod, "decode_one_jpeg", counting)
+    monkeypatch.setattr(decode_mod, "decode_one_jpeg", counting)
     src = resolve_source(str(shards / "ssv2-train.json"))
     keys, _, clips = collect(build_eval_loader(src, SMALL))
     expected: list[bytes] = []
@@ -185,26 +204,6 @@ def test_planner_keeps_only_the_sampled_frames_bytes(shards: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------- exact epochs, ranks
-def test_shard_assignment_is_disjoint_complete_and_reshuffled_per_epoch() -> None:
-    for num_shards in (6, 9, 40):
-        orders = []
-        for epoch in (0, 1):
-            slots = [
-                train_shards(num_shards, seed=7, epoch=epoch, rank=r, world_size=2, worker=w, num_workers=2)
-                for r in range(2)
-                for w in range(2)
-            ]
-            flat = [s for slot in slots for s in slot]
-            assert sorted(flat) == list(range(num_shards))
-            orders.append(slots)
-        assert orders[0] != orders[1]
-    # fewer shards than slots: every slot still gets one shard
-    assert [train_shards(3, seed=0, epoch=0, rank=r, world_size=2, worker=0, num_workers=2) != [] for r in (0, 1)]
-    ev = [eval_shards(7, rank=r, world_size=2, worker=w, num_workers=2) for r in range(2) for w in range(2)]
-    assert sorted(s for e in ev for s in e) == list(range(7))
-    assert [batches_for_worker(7, w, 3) for w in range(3)] == [3, 2, 2]
-
-
 def test_train_epochs_are_exact_on_every_rank_with_workers(shards: Path) -> None:
     src = resolve_source(str(shards / "ssv2-train.json"))
     cfg = DataConfig(num_segments=T, crop_size=32, scale_size=40, batch_size=2, num_workers=2, shuffle_buffer=4)
@@ -222,9 +221,90 @@ def test_train_epochs_are_exact_on_every_rank_with_workers(shards: Path) -> None
             by_epoch[epoch].append([k for b in batches for k in b.keys])
     meta = stored(shards, "train")
     for epoch, (r0, r1) in by_epoch.items():
-        assert not set(r0) & set(r1), f"epoch {epoch}: ranks share shards"
-        assert set(r0) | set(r1) <= set(meta)
+        assert not set(r0) & set(r1), f"epoch {epoch}: ranks share samples"
+        assert len(r0 + r1) == len(set(r0) | set(r1)) == 12 and set(r0) | set(r1) == set(meta)
     assert by_epoch[0] != by_epoch[1]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # more workers than cores
+@pytest.mark.parametrize(
+    ("world", "workers", "batch", "unseen"), [(2, 2, 2, 0), (1, 3, 2, 0), (1, 2, 5, 2), (2, 0, 3, 0)]
+)
+def test_an_epoch_reads_every_clip_once_from_ragged_shards(
+    ragged: Path, world: int, workers: int, batch: int, unseen: int
+) -> None:
+    # 12 samples in shards of 5, 4, 3: dealing whole shards to 4 slots repeated some and left others out
+    src = resolve_source(str(ragged / "ssv2-train.json"))
+    assert src.nsamples == RAGGED
+    cfg = DataConfig(**{**_fields(SMALL), "num_workers": workers, "batch_size": batch})
+    loaders = [build_train_loader(src, cfg, rank=r, world_size=world, seed=3) for r in range(world)]
+    epochs = []
+    for epoch in (0, 1):
+        keys: list[str] = []
+        for loader in loaders:
+            loader.set_epoch(epoch)
+            batches = list(loader)
+            assert len(batches) == len(loader) == 12 // (world * batch)
+            assert all(len(b.keys) == batch and b.skipped == 0 for b in batches)
+            keys += [k for b in batches for k in b.keys]
+        assert len(keys) == len(set(keys)) == 12 - unseen  # no clip twice, none left out but the remainder
+        assert set(keys) <= set(stored(ragged, "train"))
+        epochs.append(keys)
+    assert epochs[0] != epochs[1]
+
+
+def test_a_rank_decodes_only_its_own_samples(ragged: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # rank 0 of 2 shares shards with rank 1; the other rank's samples are passed over by tar header, undecoded
+    decoded: list[bytes] = []
+    real = decode_mod.decode_one_jpeg
+
+    def counting(data: bytes) -> torch.Tensor:
+        decoded.append(data)
+        return real(data)
+
+    monkeypatch.setattr(decode_mod, "decode_one_jpeg", counting)
+    src = resolve_source(str(ragged / "ssv2-train.json"))
+    cfg = DataConfig(**{**_fields(SMALL), "batch_size": 3})
+    loader = build_train_loader(src, cfg, rank=0, world_size=2, seed=5)
+    keys = [k for b in loader for k in b.keys]
+    assert len(keys) == 6
+    frames = {k: set() for k in stored(ragged, "train")}
+    for url in src.urls:
+        for sample in iter_samples(url):
+            frames[sample.key] |= {data for name, data in sample.members.items() if name.endswith(".jpg")}
+    mine = set().union(*(frames[k] for k in keys))
+    assert decoded and set(decoded) <= mine
+    assert len(decoded) <= T * len(keys)  # at most T distinct frames per clip of this rank
+
+
+def test_an_index_promising_more_samples_than_a_shard_holds_is_a_shard_error(ragged: Path, tmp_path: Path) -> None:
+    for p in ragged.iterdir():
+        shutil.copy(p, tmp_path / p.name)
+    index = json.loads((ragged / "ssv2-train.json").read_text())
+    index["shardlist"][2]["nsamples"] = 9  # the shard holds 3
+    (tmp_path / "ssv2-train.json").write_text(json.dumps(index))
+    loader = build_train_loader(resolve_source(str(tmp_path / "ssv2-train.json")), SMALL, seed=0)
+    with pytest.raises(ShardError, match=r"ssv2-train-000002\.tar: holds 3 samples, fewer than the \d+ its index"):
+        for epoch in range(4):  # in some epoch the plan reads past the shard's third sample
+            loader.set_epoch(epoch)
+            list(loader)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # more workers than cores
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_resuming_mid_epoch_from_ragged_shards_yields_exactly_the_remaining_batches(ragged: Path, workers: int) -> None:
+    # slots now start and end inside shards: a resumed worker re-plans the same ranges and replays its part
+    src = resolve_source(str(ragged / "ssv2-train.json"))
+    loader = build_train_loader(src, DataConfig(**{**_fields(SMALL), "num_workers": workers}), seed=2)
+    for epoch in (0, 3):
+        loader.set_epoch(epoch)
+        full = list(loader)
+        assert len(full) == 6 and len({k for b in full for k in b.keys}) == 12
+        for skip in (1, 3, 5):
+            loader.set_epoch(epoch, skip=skip)
+            rest = list(loader)
+            assert [b.keys for b in rest] == [b.keys for b in full[skip:]]
+            assert all(torch.equal(a.clips, b.clips) for a, b in zip(rest, full[skip:], strict=True))
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # more workers than cores

@@ -128,6 +128,54 @@ def test_shift_non_contiguous_input():
     assert torch.equal(temporal_shift(x_cl, 4, 8, "bidirectional"), temporal_shift_zeros_copy(x, 4, 8, "bidirectional"))
 
 
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fold_div", [8, 4, 3, 2, SHIFT_ALL])
+@pytest.mark.parametrize("shape", [(2, 3, 16, 5, 4), (1, 4, 64, 34, 34)])  # the second takes the write-once path
+def test_shift_keeps_channels_last_and_values(impl, mode, fold_div, shape):
+    n, t, c, h, w = shape
+    x = torch.randn(n * t, c, h, w).to(memory_format=CL)
+    assert not x.is_contiguous()
+    out = impl(x, t, fold_div, mode)
+    assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
+    assert out.stride() == x.stride()
+    assert torch.equal(out, _formula_shift(x.contiguous(), t, fold_div, mode))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fold_div", [8, SHIFT_ALL])
+@pytest.mark.parametrize("size", [5, 34])  # small and write-once paths, also for the backward shift
+def test_shift_gradient_keeps_channels_last_and_is_the_reference_gradient(mode, fold_div, size):
+    x = torch.randn(2 * 4, 64, size, size).to(memory_format=CL).requires_grad_(True)
+    grad_out = torch.randn(x.shape).to(memory_format=CL)
+    (grad,) = torch.autograd.grad(temporal_shift(x, 4, fold_div, mode), x, grad_out)
+    assert grad.is_contiguous(memory_format=CL) and not grad.is_contiguous()
+    xr = x.detach().contiguous().requires_grad_(True)
+    (_formula_shift(xr, 4, fold_div, mode) * grad_out.contiguous()).sum().backward()
+    assert torch.equal(grad, xr.grad)
+
+
+def test_shift_of_a_channels_last_conv_output_feeds_the_next_conv_without_layout_change():
+    torch.manual_seed(0)
+    conv_in, conv_out = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+    net = nn.Sequential(conv_in, TemporalShift(conv_out, num_segments=4, fold_div=8)).to(memory_format=CL)
+    x = torch.randn(2 * 4, 3, 8, 8).to(memory_format=CL)
+    shifted = temporal_shift(conv_in(x), 4, 8)
+    assert shifted.is_contiguous(memory_format=CL)
+    ref = conv_out(_formula_shift(conv_in(x).contiguous(), 4, 8, "bidirectional"))
+    assert torch.allclose(net(x), ref, atol=1e-5)
+
+
+def test_shift_of_a_non_dense_input_equals_the_reference():
+    # a channel slice is neither contiguous nor channels-last: the output is a plain contiguous tensor
+    x = torch.randn(2 * 4, 32, 5, 5)[:, 8:24]
+    out = temporal_shift(x, 4, 8, "bidirectional")
+    assert out.is_contiguous() and torch.equal(out, _formula_shift(x.contiguous(), 4, 8, "bidirectional"))
+
+
 def test_shift_rejects_bad_arguments():
     x = torch.randn(6, 8, 2, 2)
     with pytest.raises(ConfigError, match="shift mode"):
