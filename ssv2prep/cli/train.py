@@ -391,10 +391,11 @@ def eval_cmd(
       ssv2prep eval --checkpoint runs/r50/best.pt --data shards --grid 'crops=1,3,5,10;clips=1,2'
       torchrun --nproc-per-node 4 -m ssv2prep eval --checkpoint runs/r50/best.pt --data shards
     """
+    from ssv2prep.errors import ConfigError
     from ssv2prep.train.evaluation import EvalConfig, evaluate_checkpoint, predictions_file
 
     if not _SPLIT_RE.fullmatch(split):  # it names files and the default --out folder: keep it a plain name
-        raise click.BadParameter(f"{split!r} is not a split name (letters, digits, '-', '_')", param_hint="--split")
+        raise ConfigError(f"--split {split!r}: not a split name (letters, digits, '-' and '_' only)")
     spec = data_spec
     if Path(data_spec).is_dir():
         spec = str(Path(data_spec) / f"ssv2-{split}.json")
@@ -523,10 +524,11 @@ def predict(
       ssv2prep predict TSM_somethingv2_RGB_resnet50_shift8_blockres_avg_segment8_e45.pth a.webm --classes labels.json
       ssv2prep predict runs/online/best.pt a.webm --online
     """
+    from ssv2prep.errors import ConfigError
     from ssv2prep.train.predict import Prediction, predict_online, predict_videos
 
     if online and amp:
-        raise click.BadParameter("--amp does not apply to --online (the frame caches stay fp32)", param_hint="--amp")
+        raise ConfigError("--amp does not apply to --online (the frame caches stay fp32)")
     failed = 0
 
     def show(p: Prediction) -> None:

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -258,9 +257,7 @@ def test_a_corrupt_checkpoint_says_so(ckpt: Path, tiny_shards: Path, tmp_path: P
     assert "official" not in line and "name" not in line
 
 
-def test_predict_reports_unreadable_videos_and_still_prints_the_others(
-    ckpt: Path, synth_tiny, tmp_path: Path
-) -> None:
+def test_predict_reports_unreadable_videos_and_still_prints_the_others(ckpt: Path, synth_tiny, tmp_path: Path) -> None:
     import imageio_ffmpeg
 
     good = synth_tiny.videos_dir / "1.webm"
@@ -312,10 +309,25 @@ def test_loading_a_checkpoint_logs_what_was_loaded(
     assert "resnet18" in loaded[0] and "trained 3 epochs" in loaded[0]
 
 
-def test_eval_grid_scores_every_setting(ckpt: Path, tiny_shards: Path, tmp_path: Path) -> None:
-    rows = evaluate_checkpoint(
-        eval_config(ckpt, tiny_shards / "ssv2-validation.json", tmp_path / "e", settings=((1, 1), (3, 2)))
-    )
-    assert [(r["crops"], r["clips"], r["videos"], r["labelled"]) for r in rows] == [(1, 1, 4, 4), (3, 2, 4, 4)]
-    cm = np.load(tmp_path / "e" / "confusion.npy")
-    assert cm.sum() == 4 and rows[0]["top1"] == pytest.approx(100 * np.trace(cm) / 4)
+# ---------------------------------------------------------------------------------------------- names and folders
+
+
+def test_export_dataset_and_eval_split_names_stay_in_their_folder(
+    ckpt: Path, tiny_shards: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "a" / "b" / "out"
+    code, _, stderr = run("export", str(ckpt), "--out", str(out), "--dataset", "../../x")
+    assert_one_line_error(code, stderr, "--dataset", "'../../x'")
+    code, _, stderr = run("eval", "--checkpoint", str(ckpt), "--data", str(tiny_shards), "--split", "../../x")
+    assert_one_line_error(code, stderr, "--split")
+    assert list(tmp_path.rglob("*")) == [] and not (ckpt.parent.parent / "x").exists()
+    code, _, stderr = run("export", str(ckpt), "--out", str(out), "--dataset", "ssv2-mini")
+    assert code == 0, stderr
+    assert [p.name for p in out.iterdir()] == ["TSM_ssv2-mini_RGB_resnet18_shift8_blockres_avg_segment2_e3.pth"]
+
+
+def test_export_refuses_a_unidirectional_checkpoint(classes: list[str], tmp_path: Path) -> None:
+    uni = make_checkpoint(tmp_path / "uni" / "last.pt", classes, shift_mode="unidirectional")
+    code, _, stderr = run("export", str(uni), "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, stderr, "no unidirectional shift")
+    assert not (tmp_path / "out").exists()
