@@ -1,11 +1,11 @@
 """`ssv2prep eval`: score a checkpoint (ours or an official `.pth`) on a held-out split, at one or more fidelities.
 
-Scores are the plain mean of raw logits over crops x clips (the official test protocol), computed in fp32 as the
-official test does unless `amp` asks for autocast (the precision is recorded in `report.json`). Rank 0 writes, into
-the output folder: `report.json`, `per_class.csv`, `confusion.npy`, `confusion.png`, optionally the submission file
-(`id;c1;c2;c3;c4;c5`, top-5 class indices; always, as `predictions.csv`, for a split without labels), and with
-several settings `grid.md` / `grid.csv`. Every destination is checked for writability before the (long) scoring
-starts, and a failed write removes the files written so far: an error leaves no partial report.
+Scores are the plain mean of raw logits over crops x clips (the official test protocol), computed in fp32 (no TF32)
+as the official test does unless `amp` asks for autocast (the precision is recorded in `report.json`). Rank 0
+writes, into the output folder: `report.json`, `per_class.csv`, `confusion.npy`, `confusion.png`, optionally the
+submission file (`id;c1;c2;c3;c4;c5`, top-5 class indices; always, as `predictions.csv`, for a split without
+labels), and with several settings `grid.md` / `grid.csv`. Every destination is checked for writability before the
+(long) scoring starts, and a failed write removes the files written so far: an error leaves no partial report.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,21 @@ class EvalConfig:
 def precision_name(dtype: torch.dtype | None) -> str:
     """`fp32` for no autocast, else `bf16` / `fp16`: how report.json records what the model ran in."""
     return _PRECISION_NAMES[dtype]
+
+
+@contextlib.contextmanager
+def exact_fp32(enabled: bool = True) -> Iterator[None]:
+    """While the block runs, fp32 convolutions and matmuls run in fp32, not TF32 (which cuDNN uses by default on
+    Ampere and newer GPUs, keeping 10 mantissa bits): the official test's arithmetic. A no-op when not `enabled`."""
+    if not enabled:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def check_device(device: str) -> None:
@@ -399,7 +414,8 @@ def _evaluate_all(
     log.info("evaluating on %s in %s", info.device, precision)
     rows, first = [], None
     for crops, clips in cfg.settings:
-        out = _one_setting(cfg, model, model_cfg, source, crops, clips, ctx, on_batch)
+        with exact_fp32(ctx.amp_dtype is None):
+            out = _one_setting(cfg, model, model_cfg, source, crops, clips, ctx, on_batch)
         if not out.keys:
             raise ShardError(f"{cfg.data}: 0 samples were read (the shards hold none the loader could use)")
         m = video_metrics(out.scores, out.labels, len(classes))

@@ -26,7 +26,7 @@ from ssv2prep.data.transforms import eval_views, normalize_clips
 from ssv2prep.errors import ConfigError, SampleError
 from ssv2prep.prep.decode import decode_rgb
 from ssv2prep.train.dist import pick_device
-from ssv2prep.train.evaluation import check_device, load_for_eval, precision_name, trained_sizes
+from ssv2prep.train.evaluation import check_device, exact_fp32, load_for_eval, precision_name, trained_sizes
 from ssv2prep.train.run import amp_dtype
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def _offline_logits(
     for indices in sample_clips(frames.shape[0], spec):
         views.append(eval_views(frames[indices], crops=crops, crop_size=crop_size, scale_size=scale_size))
     clips_uint8 = torch.cat(views)  # (clips * crops, T, 3, S, S)
-    with torch.inference_mode(), runner.autocast():
+    with torch.inference_mode(), exact_fp32(runner.dtype is None), runner.autocast():
         return runner.model(normalize_clips(clips_uint8, runner.device)).float().mean(dim=0).cpu()
 
 
@@ -201,7 +201,7 @@ def predict_online(
     cache = online.init_cache(1, runner.device, height=frames.shape[-2], width=frames.shape[-1])
     history: list[torch.Tensor] = []
     running = []
-    with torch.inference_mode():
+    with torch.inference_mode(), exact_fp32():
         for i in range(frames.shape[0]):
             logits, cache = online.step(frames[i : i + 1], cache)
             history = [*history[-(cfg.num_segments - 1) :], logits[0]] if cfg.num_segments > 1 else [logits[0]]

@@ -331,3 +331,32 @@ def test_export_refuses_a_unidirectional_checkpoint(classes: list[str], tmp_path
     code, _, stderr = run("export", str(uni), "--out", str(tmp_path / "out"))
     assert_one_line_error(code, stderr, "no unidirectional shift")
     assert not (tmp_path / "out").exists()
+
+
+def test_fp32_means_no_tf32_while_scoring(ckpt: Path, tiny_shards: Path, tmp_path: Path) -> None:
+    seen: list[tuple[bool, bool]] = []
+
+    def on_batch(_: int) -> None:
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        evaluate_checkpoint(eval_config(ckpt, tiny_shards / "ssv2-validation.json", tmp_path / "e"), on_batch=on_batch)
+        assert seen and set(seen) == {(False, False)}
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)  # restored
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_checkpoint_in_the_legacy_torch_format_is_still_ours(ckpt: Path, tmp_path: Path) -> None:
+    from ssv2prep.train.checkpoint import is_ours, load_checkpoint
+    from ssv2prep.train.evaluation import trained_sizes
+
+    legacy = tmp_path / "legacy.pt"
+    torch.save(torch.load(ckpt, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    assert is_ours(legacy) and trained_sizes(legacy) == (32, 40)  # read from the file, not the 224/256 fallback
+    data = ckpt.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pt: not a readable checkpoint: corrupt or truncated"):
+        load_checkpoint(tmp_path / "cut.pt", mmap=True)
