@@ -360,3 +360,21 @@ def test_checkpoint_in_the_legacy_torch_format_is_still_ours(ckpt: Path, tmp_pat
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"cut\.pt: not a readable checkpoint: corrupt or truncated"):
         load_checkpoint(tmp_path / "cut.pt", mmap=True)
+
+
+def test_predict_online_streams_good_files_and_names_bad_ones(classes: list[str], synth_tiny, tmp_path: Path) -> None:
+    from ssv2prep.prep.decode import decode_rgb
+
+    uni = make_checkpoint(tmp_path / "uni" / "last.pt", classes, shift_mode="unidirectional")
+    good = synth_tiny.videos_dir / "2.webm"
+    bad = tmp_path / "empty.webm"
+    bad.write_bytes(b"")
+    code, stdout, stderr = run("predict", str(uni), str(bad), str(good), "--online", "--device", "cpu")
+    assert code != 0 and "Traceback" not in stderr
+    errors = error_lines(stderr)
+    assert len(errors) == 1 and str(bad) in errors[0] and "zero-byte" in errors[0], stderr
+    frames = [line for line in stdout.splitlines() if line.strip().startswith("frame ")]
+    assert len(frames) == decode_rgb(good).shape[0]
+    assert all(line.split(": ", 1)[1].split(" (")[0] in classes for line in frames)
+    code, _, stderr = run("predict", str(uni), str(good), "--online", "--amp")
+    assert_one_line_error(code, stderr, "--amp", "--online")
