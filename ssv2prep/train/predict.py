@@ -67,7 +67,10 @@ def _runner(model: torch.nn.Module, device: str, amp: bool) -> _Runner:
 
 def load_class_names(path: Path) -> list[str]:
     """Class names from `classes.json` (a list) or an SSv2 `labels.json` (name -> index)."""
-    obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"--classes {path}: not a readable JSON file ({' '.join(str(exc).split())[:120]})") from exc
     if isinstance(obj, list):
         return [str(c) for c in obj]
     if isinstance(obj, dict):

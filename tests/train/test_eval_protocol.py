@@ -286,6 +286,8 @@ def test_predict_device_option(ckpt: Path, synth_tiny) -> None:
     assert code == 0, stderr
     if not torch.cuda.is_available():
         assert auto == cpu
+        code, _, stderr = run("predict", str(ckpt), video, "--device", "cuda")
+        assert_one_line_error(code, stderr, "--device cuda", "not available")
     code, _, stderr = run("predict", str(ckpt), video, "--device", "tpu")
     assert code != 0 and "--device" in stderr
 
@@ -378,3 +380,10 @@ def test_predict_online_streams_good_files_and_names_bad_ones(classes: list[str]
     assert all(line.split(": ", 1)[1].split(" (")[0] in classes for line in frames)
     code, _, stderr = run("predict", str(uni), str(good), "--online", "--amp")
     assert_one_line_error(code, stderr, "--amp", "--online")
+
+
+def test_predict_with_an_unreadable_classes_file_is_one_line(ckpt: Path, synth_tiny, tmp_path: Path) -> None:
+    bad = tmp_path / "classes.json"
+    bad.write_text("[not json")
+    code, _, stderr = run("predict", str(ckpt), str(synth_tiny.videos_dir / "1.webm"), "--classes", str(bad))
+    assert_one_line_error(code, stderr, "--classes", str(bad))
