@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -292,6 +293,9 @@ class _TrainProgress:
 # ----------------------------------------------------------------------------------------------------------- eval
 
 
+_SPLIT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
 def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, int], ...]:
     """`crops=1,3;clips=1,2` -> every combination; no grid -> ((crops, clips),)."""
     if not grid:
@@ -350,6 +354,11 @@ def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, in
     help="Write per-video top-5 class indices (id;c1;c2;c3;c4;c5) for submission.",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--amp",
+    is_flag=True,
+    help="Autocast on CUDA (bf16 where supported, else fp16). Default: fp32, the official test's arithmetic.",
+)
 def eval_cmd(
     checkpoint: Path,
     data_spec: str,
@@ -368,8 +377,12 @@ def eval_cmd(
     out_dir: Path | None,
     predictions: Path | None,
     device: str,
+    amp: bool,
 ) -> None:
     """Evaluate a checkpoint on a held-out split: top-1/top-5, per-class, confusion, seconds per video.
+
+    On a split without labels (the SSv2 test split) it writes the predictions only (to --predictions, else
+    predictions.csv in --out). The precision (fp32 unless --amp) is printed and recorded in report.json.
 
     \b
     Examples:
@@ -378,8 +391,11 @@ def eval_cmd(
       ssv2prep eval --checkpoint runs/r50/best.pt --data shards --grid 'crops=1,3,5,10;clips=1,2'
       torchrun --nproc-per-node 4 -m ssv2prep eval --checkpoint runs/r50/best.pt --data shards
     """
-    from ssv2prep.train.evaluation import EvalConfig, evaluate_checkpoint
+    from ssv2prep.errors import ConfigError
+    from ssv2prep.train.evaluation import EvalConfig, evaluate_checkpoint, predictions_file
 
+    if not _SPLIT_RE.fullmatch(split):  # it names files and the default --out folder: keep it a plain name
+        raise ConfigError(f"--split {split!r}: not a split name (letters, digits, '-' and '_' only)")
     spec = data_spec
     if Path(data_spec).is_dir():
         spec = str(Path(data_spec) / f"ssv2-{split}.json")
@@ -398,6 +414,7 @@ def eval_cmd(
         out=out_dir or checkpoint.parent / f"eval-{split}",
         predictions=predictions,
         device=device,
+        amp="auto" if amp else "off",
     )
     with progress_bars() as progress:
         task = progress.add_task("evaluating", total=None, rate="")
@@ -405,12 +422,18 @@ def eval_cmd(
     if not _is_main_process():
         return
     for r in rows:
+        setting = f"eval: {r['crops']} crops x {r['clips']} clips, {r['segments']} frames, {r['precision']}"
+        if r["labelled"] == 0:
+            written = predictions_file(cfg, rows)
+            out.print(f"{setting}: {r['videos']} videos, no labels: wrote predictions only ({written})", markup=False)
+            continue
+        unlabelled = f" ({r['videos'] - r['labelled']} more have no label)" if r["labelled"] < r["videos"] else ""
         out.print(
-            f"eval: {r['crops']} crops x {r['clips']} clips, {r['segments']} frames: top-1 {r['top1']:.2f}%, "
-            f"top-5 {r['top5']:.2f}%, mean class {r['mean_class_accuracy']:.2f}% on {r['labelled']} videos, "
-            f"{r['seconds_per_video']:.3f} s/video"
+            f"{setting}: top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, mean class {r['mean_class_accuracy']:.2f}% "
+            f"on {r['labelled']} videos{unlabelled}, {r['seconds_per_video']:.3f} s/video",
+            markup=False,
         )
-    out.print(f"reports in {cfg.out}")
+    out.print(f"reports in {cfg.out}", markup=False)
 
 
 # --------------------------------------------------------------------------------------------------------- export
@@ -425,9 +448,18 @@ def eval_cmd(
     default=None,
     help="Folder for the exported file (default: beside the checkpoint).",
 )
-@click.option("--dataset", default="somethingv2", show_default=True, help="Dataset name in the official file name.")
+@click.option(
+    "--dataset",
+    default="somethingv2",
+    show_default=True,
+    help="Dataset name in the official file name (letters, digits, '-'); the official test_models.py takes the "
+    "class count from it.",
+)
 def export(checkpoint: Path, out_dir: Path | None, dataset: str) -> None:
     """Export one of our checkpoints in the official TSM layout and file name (module.base_model..., new_fc).
+
+    Models the official code would run as another network are refused: unidirectional shifts, shift-div 1 (the
+    official 'shift1' moves all channels from t+1) and block-placed MobileNetV2.
 
     \b
     Example:
@@ -446,7 +478,7 @@ def export(checkpoint: Path, out_dir: Path | None, dataset: str) -> None:
         epochs=int(ckpt["epoch"]),
         best_prec1=max(0.0, float(ckpt["best_top1"])),
     )
-    out.print(f"export: {path}")
+    out.print(f"export: {path}", markup=False)
 
 
 # -------------------------------------------------------------------------------------------------------- predict
@@ -467,6 +499,8 @@ def export(checkpoint: Path, out_dir: Path | None, dataset: str) -> None:
 @click.option("--scale-size", type=int, default=None, help="Resize short side (default: as trained).")
 @click.option("--crop-size", type=int, default=None, help="Crop size (default: as trained).")
 @click.option("--online", is_flag=True, help="Frame by frame with a unidirectional model; print as it evolves.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--amp", is_flag=True, help="Autocast on CUDA (not with --online). Default: fp32, as eval.")
 def predict(
     checkpoint: Path,
     videos: tuple[Path, ...],
@@ -476,8 +510,13 @@ def predict(
     scale_size: int | None,
     crop_size: int | None,
     online: bool,
+    device: str,
+    amp: bool,
 ) -> None:
     """Classify webm/mp4 files directly and print the top-5 classes with probabilities.
+
+    A file that cannot be decoded is reported (one 'error:' line naming it) and the others are still classified;
+    the exit status is then non-zero.
 
     \b
     Examples:
@@ -485,29 +524,72 @@ def predict(
       ssv2prep predict TSM_somethingv2_RGB_resnet50_shift8_blockres_avg_segment8_e45.pth a.webm --classes labels.json
       ssv2prep predict runs/online/best.pt a.webm --online
     """
-    from ssv2prep.train.predict import predict_online, predict_videos
+    from ssv2prep.errors import ConfigError
+    from ssv2prep.train.predict import Prediction, predict_online, predict_videos
 
-    if online:
-        for video in videos:
-            out.print(f"{video} (online):")
+    if online and amp:
+        raise ConfigError("--amp does not apply to --online (the frame caches stay fp32)")
+    failed = 0
 
-            def show(i: int, top: list[tuple[str, float]]) -> None:
-                out.print(f"  frame {i + 1:4d}: {top[0][0]} ({100 * top[0][1]:.1f}%)", markup=False)
-
-            predict_online(
-                checkpoint, video, classes_file=classes_file, scale_size=scale_size, crop_size=crop_size, on_frame=show
-            )
-        return
-    predictions = predict_videos(
-        checkpoint,
-        list(videos),
-        classes_file=classes_file,
-        crops=int(crops),
-        clips=int(clips),
-        scale_size=scale_size,
-        crop_size=crop_size,
-    )
-    for p in predictions:
+    def show(p: Prediction) -> None:
+        nonlocal failed
+        if p.error is not None:
+            failed += 1
+            click.echo(f"error: {p.error}", err=True)
+            return
         out.print(f"{p.video}:", markup=False)
         for rank, (name, prob) in enumerate(p.top5, 1):
             out.print(f"  {rank}. {name}  {100 * prob:.1f}%", markup=False)
+
+    if online:
+        failed = _predict_online(predict_online, checkpoint, videos, classes_file, scale_size, crop_size, device)
+    else:
+        predict_videos(
+            checkpoint,
+            list(videos),
+            classes_file=classes_file,
+            crops=int(crops),
+            clips=int(clips),
+            scale_size=scale_size,
+            crop_size=crop_size,
+            device=device,
+            amp=amp,
+            on_result=show,
+        )
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+def _predict_online(
+    predict_online: Any,
+    checkpoint: Path,
+    videos: tuple[Path, ...],
+    classes_file: Path | None,
+    scale_size: int | None,
+    crop_size: int | None,
+    device: str,
+) -> int:
+    """Stream every video through the online model, printing as it goes; returns how many could not be read."""
+    from ssv2prep.errors import SampleError
+
+    failed = 0
+    for video in videos:
+        out.print(f"{video} (online):", markup=False)
+
+        def show(i: int, top: list[tuple[str, float]]) -> None:
+            out.print(f"  frame {i + 1:4d}: {top[0][0]} ({100 * top[0][1]:.1f}%)", markup=False)
+
+        try:
+            predict_online(
+                checkpoint,
+                video,
+                classes_file=classes_file,
+                scale_size=scale_size,
+                crop_size=crop_size,
+                device=device,
+                on_frame=show,
+            )
+        except SampleError as exc:
+            failed += 1
+            click.echo(f"error: {exc}", err=True)
+    return failed

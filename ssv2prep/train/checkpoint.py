@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -74,13 +75,16 @@ def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
 
     `mmap=True` maps the file instead of reading it: tensors are read only when touched, so looking at the
     metadata (format, config) of a large checkpoint costs almost nothing."""
+    from ssv2prep.models.official import unreadable_reason
+
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: checkpoint not found")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+        # mmap needs the zip format; an official file in the legacy format is then read whole (and is not ours)
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(p))
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{p}: not a readable checkpoint ({' '.join(str(exc).split())[:200]})") from exc
+        raise CheckpointError(f"{p}: not a readable checkpoint: {unreadable_reason(exc)}") from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not an ssv2prep checkpoint (an official TSM .pth? use it with eval/predict)")
     return obj
