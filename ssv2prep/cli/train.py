@@ -122,6 +122,25 @@ def _is_main_process() -> bool:
 @click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--channels-last/--no-channels-last", default=None, help="Default: on for CUDA.")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
+@click.option(
+    "--allow-changes",
+    is_flag=True,
+    help="Resume with other options (--lr, --dropout, ...) than the run folder was trained with; config.json "
+    "records what changed (without it such a resume is refused).",
+)
+@click.option(
+    "--dist-timeout",
+    type=float,
+    default=900.0,
+    show_default=True,
+    help="Seconds a rank waits for the others before the job fails (a rank died or hangs).",
+)
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write progress and log records as JSON lines here (rank 0), for machines.",
+)
 def train(**opts: Any) -> None:
     """Train a TSM (or TSN) from shards; resumes when the run folder already has last.pt.
 
@@ -193,6 +212,7 @@ def _train_config(opts: dict[str, Any]) -> Any:
         eval_every=opts["eval_every"],
         checkpoint_every=opts["checkpoint_every"],
         seed=opts["seed"],
+        dist_timeout_s=opts["dist_timeout"],
     )
     return TrainConfig(
         train=train_spec,
@@ -204,6 +224,7 @@ def _train_config(opts: dict[str, Any]) -> Any:
         data=data,
         optim=optim,
         runtime=runtime,
+        allow_changes=opts["allow_changes"],
     )
 
 

@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from ssv2prep.cli import main
 from ssv2prep.data.loader import DataConfig
+from ssv2prep.errors import ConfigError
 from ssv2prep.models.tsm import ModelConfig
 from ssv2prep.train.config import OptimConfig, RuntimeConfig, TrainConfig
 from ssv2prep.train.evaluation import EvalConfig, evaluate_checkpoint
@@ -191,10 +192,19 @@ def test_resume_with_another_batch_size_restarts_the_interrupted_epoch(
     smaller = TrainConfig(
         **{**{f: getattr(cfg, f) for f in ("train", "val", "out", "model", "optim", "runtime")}},
         data=DataConfig(**{**dataclasses.asdict(cfg.data), "batch_size": 2}),
+        allow_changes=True,
     )
+    saved = (out / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"other options \(data\.batch_size: 4 -> 2\).*--allow-changes"):
+        fit(dataclasses.replace(smaller, allow_changes=False))  # a changed option is refused before any step
+    assert (out / "last.pt").read_bytes() == saved and "history" not in json.loads((out / "config.json").read_text())
     with caplog.at_level(logging.WARNING, logger="ssv2prep.train.run"):
         fit(smaller)  # 6 steps per epoch now
-    assert "saved with 3 steps per epoch, this run has 6" in caplog.text
+    assert "changed options: data.batch_size: 4 -> 2" in caplog.text
+    assert "with 3 steps per epoch, this run has 1 with 6" in caplog.text
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["batch_size"] == 2
+    assert config["history"] == [{"epoch": 1, "global_step": 4, "changes": {"data.batch_size": [4, 2]}}]
     last = torch.load(out / "last.pt", weights_only=True)
     assert (last["epoch"], last["epoch_step"], last["global_step"], last["steps_per_epoch"]) == (2, 0, 12, 6)
     records = read_metrics(out / "metrics.jsonl")
@@ -208,11 +218,10 @@ def test_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_sh
     fit(tiny_config(tiny_shards, out, epochs=1))
     good = (out / "last.pt").read_bytes()
     with pytest.raises(NonFiniteLossError, match="epoch 1"):
-        fit(tiny_config(tiny_shards, out, epochs=2, lr=1e30))
+        fit(dataclasses.replace(tiny_config(tiny_shards, out, epochs=2, lr=1e30), allow_changes=True))
     assert (out / "last.pt").read_bytes() == good
-    result = CliRunner().invoke(
-        main, ["train", "--data", str(tiny_shards), "--out", str(out), "--epochs", "2", *train_args(lr=1e30)]
-    )
+    args = ["train", "--data", str(tiny_shards), "--out", str(out), "--epochs", "2", "--lr-steps", ""]
+    result = CliRunner().invoke(main, [*args, "--allow-changes", *train_args(lr=1e30)])
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: the loss became")
 
@@ -422,3 +431,19 @@ def test_trained_sizes_come_from_the_checkpoint_unless_given(trained: Path, tmp_
     assert trained_sizes(tmp_path / "absent.pt", 64, 72) == (64, 72)  # both given: the file is not read
     (tmp_path / "other.pt").write_bytes(b"not a checkpoint")
     assert not is_ours(tmp_path / "other.pt") and trained_sizes(tmp_path / "other.pt") == (224, 256)
+
+
+@pytest.mark.slow
+def test_torchrun_evaluates_when_a_rank_has_no_validation_shard(tiny_shards: Path, tmp_path: Path) -> None:
+    """One validation shard for two ranks: rank 1 has nothing to score and must not hang the other one (it did
+    through the DDP wrapper, whose first forward after training broadcasts BN buffers)."""
+    out = tmp_path / "run"
+    one_shard = str(tiny_shards / "ssv2-validation-000000.tar")
+    args = ("--val-index", str(tiny_shards / "ssv2-validation.json"), "--epochs", "1", *train_args(batch_size=2))
+    cmd = torchrun_command(
+        "train", "--train", str(tiny_shards / "ssv2-train.json"), "--val", one_shard, "--out", str(out), *args
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["videos"] for r in evals] == [3]  # the one shard's 3 videos, scored by rank 0 alone
