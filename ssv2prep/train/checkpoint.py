@@ -89,7 +89,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 
 def _write_failure(target: Path) -> str:
     free = shutil.disk_usage(target.parent).free
-    return f"the write failed with {free / 2**20:.0f} MiB free on that file system; is it full?"
+    amount = f"{free / 2**20:.0f} MiB" if free >= 10 * 2**20 else f"{free // 1024} KiB"
+    return f"the write failed with {amount} free on that file system; is it full?"
 
 
 def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:

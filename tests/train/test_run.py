@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fixtures import small_tmpfs
 
 from ssv2prep.cli import main
 from ssv2prep.data.loader import DataConfig
@@ -447,3 +448,99 @@ def test_torchrun_evaluates_when_a_rank_has_no_validation_shard(tiny_shards: Pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
     assert [r["videos"] for r in evals] == [3]  # the one shard's 3 videos, scored by rank 0 alone
+
+
+# ---------------------------------------------------------------------------------- decisions behind fit (no GPU)
+
+
+@pytest.mark.parametrize(
+    ("mode", "device_type", "bf16_native", "expected"),
+    [
+        ("auto", "cuda", True, torch.bfloat16),  # A100, H100: native bf16
+        ("auto", "cuda", False, torch.float16),  # V100, T4: bf16 only emulated (slow), so fp16 + loss scaler
+        ("bf16", "cuda", False, torch.bfloat16),  # asked for explicitly: given
+        ("fp16", "cuda", True, torch.float16),
+        ("off", "cuda", True, None),
+        ("auto", "cpu", True, None),
+    ],
+)
+def test_amp_auto_picks_bf16_only_where_the_gpu_has_it(mode, device_type, bf16_native, expected) -> None:
+    from ssv2prep.train.run import choose_amp_dtype
+
+    assert choose_amp_dtype(mode, device_type, bf16_native=bf16_native) == expected
+
+
+def test_each_rank_draws_its_own_dropout_masks_from_a_seed_apart_from_the_init_one() -> None:
+    from ssv2prep.train.run import rank_seed
+
+    seeds = [rank_seed(0, rank) for rank in range(64)]
+    assert len(set(seeds)) == 64 and 0 not in seeds and seeds == [rank_seed(0, r) for r in range(64)]
+    masks = []
+    for seed in seeds[:2]:
+        torch.manual_seed(seed)
+        masks.append(torch.nn.functional.dropout(torch.ones(1000), 0.5))
+    assert not torch.equal(masks[0], masks[1])
+
+
+def test_a_resume_under_another_amp_gets_a_fresh_loss_scaler(caplog: pytest.LogCaptureFixture) -> None:
+    from ssv2prep.train.run import _load_scaler
+
+    saved_off = torch.amp.GradScaler("cpu", enabled=False).state_dict()  # --amp off / bf16: an empty state
+    fp16 = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**16)
+    with caplog.at_level(logging.WARNING, logger="ssv2prep.train.run"):
+        _load_scaler(fp16, saved_off)  # GradScaler.load_state_dict raises a RuntimeError on this
+    assert "another --amp" in caplog.text and fp16.get_scale() == 2.0**16
+    saved_fp16 = torch.amp.GradScaler("cpu", enabled=True, init_scale=8.0).state_dict()
+    _load_scaler(fp16, saved_fp16)
+    assert fp16.get_scale() == 8.0
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    _load_scaler(off, saved_fp16)  # fp16 -> off: the saved scale is simply unused
+    assert not off.is_enabled()
+
+
+def test_config_changes_lists_every_changed_option_by_dotted_name(tiny_shards: Path, tmp_path: Path) -> None:
+    from ssv2prep.train.run import config_changes
+
+    a = tiny_config(tiny_shards, tmp_path / "a")
+    b = dataclasses.replace(
+        a,
+        optim=dataclasses.replace(a.optim, lr=0.02),
+        model=dataclasses.replace(a.model, dropout=0.3),
+    )
+    assert config_changes(a.to_dict(), b.to_dict()) == {"model.dropout": [0.0, 0.3], "optim.lr": [0.01, 0.02]}
+    assert config_changes(a.to_dict(), a.to_dict()) == {}
+
+
+def _reordered_val(tiny_shards: Path, tmp_path: Path, classes: list[str]) -> Path:
+    """A copy of the shard folder whose validation index names another class list (`val-classes.json`)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    (shards / "val-classes.json").write_text(json.dumps(classes))
+    index = json.loads((shards / "ssv2-validation.json").read_text())
+    (shards / "ssv2-validation.json").write_text(json.dumps({**index, "classes": "val-classes.json"}))
+    return shards
+
+
+@pytest.mark.parametrize("how", ["reordered", "more"])
+def test_val_with_other_classes_stops_before_the_first_step(tiny_shards: Path, tmp_path: Path, how: str) -> None:
+    classes = json.loads((tiny_shards / "classes.json").read_text())
+    other = classes[::-1] if how == "reordered" else [*classes, "Pretending to be a fifth class"]
+    shards = _reordered_val(tiny_shards, tmp_path, other)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--data", str(shards), "--out", str(out), *train_args()])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --val and --train label different classes")
+    assert str(shards / "val-classes.json") in line and str(shards / "classes.json") in line
+    assert ("another order (label 0" in line) if how == "reordered" else ("4 vs 5 classes" in line)
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_a_read_only_out_is_one_line_naming_it(tiny_shards: Path, tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "ro", "64k", read_only=True) as ro:
+        args = ["train", "--data", str(tiny_shards), "--out", str(ro / "run"), "--epochs", "1", *train_args()]
+        result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {ro / 'run'}: cannot write the run folder (Read-only file system)"
+    )
