@@ -6,8 +6,10 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -448,6 +450,108 @@ def test_torchrun_evaluates_when_a_rank_has_no_validation_shard(tiny_shards: Pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
     assert [r["videos"] for r in evals] == [3]  # the one shard's 3 videos, scored by rank 0 alone
+    last = torch.load(out / "last.pt", weights_only=True)
+    # each rank's own RNG state is saved (they were seeded apart: their dropout masks differ)
+    assert last["world_size"] == 2 and len(last["rng"]) == 2
+    assert not torch.equal(last["rng"][0]["torch"], last["rng"][1]["torch"])
+
+
+def launch_ranks(per_rank_args: list[list[str]], *, cwd: Path, timeout_s: float = 120) -> list[tuple[int, str]]:
+    """Start one `ssv2prep` process per rank with the environment torchrun would give, but no torchrun agent:
+    like ranks on separate nodes, nothing stops the others when one fails. Returns (exit code, stderr) per rank;
+    fails the test (after killing them) when a rank is still running after `timeout_s`."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank, args in enumerate(per_rank_args):
+        env = os.environ | {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(len(per_rank_args)),
+            "RANK": str(rank),
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1",
+        }
+        cmd = [sys.executable, "-m", "ssv2prep", *args]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
+    deadline = time.monotonic() + timeout_s
+    results = []
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((proc.returncode, err))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        pytest.fail(f"a rank was still running after {timeout_s} s (it waits for one that failed or diverged)")
+    return results
+
+
+def _train_only_args(tiny_shards: Path, out: Path, epochs: int) -> list[str]:
+    return [
+        "train",
+        "--train",
+        str(tiny_shards / "ssv2-train.json"),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--lr-steps",
+        "",
+        *train_args(batch_size=2),
+    ]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_rank_0_cannot_write_stops_every_rank_with_one_line(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:  # room for config.json and metrics, not a checkpoint
+        out = disk / "run"
+        results = launch_ranks([_train_only_args(tiny_shards, out, 1)] * 2, cwd=tmp_path)
+        left = sorted(p.name for p in out.iterdir())
+    (rc0, err0), (rc1, err1) = results
+    assert rc0 == 1 and "Traceback" not in err0
+    assert err0.strip().splitlines()[-1].startswith(f"error: {out / 'last.pt'}: cannot write the checkpoint (")
+    assert rc1 == 1 and "Traceback" not in err1
+    assert (
+        err1.strip().splitlines()[-1]
+        == "error: rank 0 failed to save the checkpoint (its error is in its log); stopping"
+    )
+    assert "last.pt" not in left and not [n for n in left if n.endswith(".tmp")]  # no partial checkpoint
+
+
+@pytest.mark.slow
+def test_ranks_resume_what_rank_0_has_even_when_their_own_disk_differs(tiny_shards: Path, tmp_path: Path) -> None:
+    """Per-node disks: rank 1's run folder has no checkpoint, rank 0's has epoch 1. Both resume rank 0's."""
+    shared = tmp_path / "node0"
+    results = launch_ranks([_train_only_args(tiny_shards, shared, 1)] * 2, cwd=tmp_path)
+    assert [rc for rc, _ in results] == [0, 0], results[0][1][-2000:]
+    own = tmp_path / "node1"
+    own.mkdir()
+    results = launch_ranks(
+        [_train_only_args(tiny_shards, shared, 2), _train_only_args(tiny_shards, own, 2)], cwd=tmp_path
+    )
+    assert [rc for rc, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    last = torch.load(shared / "last.pt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 6)
+    assert [r["step"] for r in read_metrics(shared / "metrics.jsonl") if r["kind"] == "train"] == list(range(6))
+    assert f"rank 1 sees no checkpoint at {own / 'last.pt'}" in results[1][1]
+    assert " INFO " not in results[1][1] and " INFO " in results[0][1]  # only rank 0 logs below WARNING
+    assert list(own.iterdir()) == []  # rank 1 writes nothing
 
 
 # ---------------------------------------------------------------------------------- decisions behind fit (no GPU)
@@ -544,3 +648,29 @@ def test_a_read_only_out_is_one_line_naming_it(tiny_shards: Path, tmp_path: Path
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {ro / 'run'}: cannot write the run folder (Read-only file system)"
     )
+
+
+def test_off_a_terminal_progress_is_plain_lines_and_the_log_file_json(tiny_shards: Path, tmp_path: Path) -> None:
+    log_file = tmp_path / "logs" / "train.jsonl"
+    out = tmp_path / "run"
+    args = [*train_args(), "--log-every", "2"]  # the later --log-every wins
+    cmd = [sys.executable, "-m", "ssv2prep", "train", "--data", str(tiny_shards), "--out", str(out), "--epochs", "1"]
+    proc = subprocess.run([*cmd, *args, "--log-file", str(log_file)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    # a line every 2 steps and at the end of the epoch (3 steps), each a whole record on one line
+    steps = [line for line in lines if " INFO epoch 1/1 step " in line]
+    assert [line.split(" step ")[1].split()[0] for line in steps] == ["2/3", "3/3"], lines
+    for field in ("loss ", "lr ", "clips/s", "data ", "eta "):
+        assert all(field in line for line in steps), field
+    start = [line for line in lines if "training on cpu x 1" in line]
+    assert len(start) == 1 and start[0].rstrip().endswith("epochs 1..1") and len(start[0]) > 80  # not wrapped
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    by_event = {}
+    for r in records:
+        by_event.setdefault(r.get("event"), []).append(r)
+    assert [r["epoch_step"] for r in by_event["step"]] == [2, 3]
+    assert by_event["step"][0]["loss"] == pytest.approx(dict(train_losses(out))[1])  # step index 1
+    assert [r["epoch"] for r in by_event["epoch"]] == [1] and by_event["eval"][0]["videos"] == 4
+    assert by_event["start"][0]["steps_per_epoch"] == 3
