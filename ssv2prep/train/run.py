@@ -52,6 +52,8 @@ FREE_KEYS = frozenset(
         "data.num_workers",
         "data.gpu_decode",
         "runtime.device",
+        "runtime.amp",  # `auto` resolves by GPU anyway (fp16 on V100, bf16 on A100); the loss scaler adapts
+        "runtime.channels_last",
         "runtime.compile",
         "runtime.log_every",
         "runtime.eval_every",
@@ -367,13 +369,13 @@ def _resume(
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: cannot resume from it ({' '.join(str(exc).split())[:300]})") from exc
     _load_scaler(scaler, ckpt["scaler"])
-    rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # older files: rank 0's only
     epoch_step, global_step, meter = int(ckpt.get("epoch_step", 0)), int(ckpt["global_step"]), ckpt.get("epoch_meter")
     saved_steps = int(ckpt.get("steps_per_epoch", steps_per_epoch))
-    saved_world = int(ckpt.get("world_size", len(rngs)))
+    saved_world = int(ckpt.get("world_size", info.world_size))  # older files do not say
     same_layout = saved_steps == steps_per_epoch and saved_world == info.world_size
-    if saved_world == info.world_size:
-        set_rng_state(rngs[info.rank], info.device)
+    rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # older files: rank 0's state only
+    if len(rngs) == info.world_size or (len(rngs) == 1 and info.is_main):
+        set_rng_state(rngs[info.rank], info.device)  # else: the seeds of this run's ranks (another world size)
     metrics.truncate_after(global_step if same_layout else global_step - epoch_step)
     if not same_layout:
         # Another world size or batch size: steps mean something else now. Count the lr schedule in the new
