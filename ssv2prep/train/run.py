@@ -359,6 +359,7 @@ def _resume(
     info: DistInfo,
     steps_per_epoch: int,
     path: Path,
+    num_workers: int | None = None,
 ) -> FitState:
     if ckpt is None:
         return FitState()
@@ -391,6 +392,19 @@ def _resume(
             ckpt["epoch"] + 1,
         )
         epoch_step, global_step, meter = 0, ckpt["epoch"] * steps_per_epoch, None
+    saved_workers = ckpt.get("config", {}).get("data", {}).get("num_workers")
+    if epoch_step and num_workers is not None and saved_workers is not None and saved_workers != num_workers:
+        # The epoch's clips are dealt to rank x worker slots: with another worker count the rest of this epoch
+        # would be cut differently (clips repeated or missed), so the interrupted epoch starts again.
+        log.warning(
+            "%s was saved with %d loader workers per rank, this run has %d: restarting epoch %d from its beginning",
+            path,
+            saved_workers,
+            num_workers,
+            ckpt["epoch"] + 1,
+        )
+        metrics.truncate_after(global_step - epoch_step)
+        epoch_step, global_step, meter = 0, global_step - epoch_step, None
     log.info(
         "resuming %s at epoch %d, step %d of it (step %d overall)",
         path.parent,
@@ -456,7 +470,17 @@ def _fit(cfg: TrainConfig, info: DistInfo, emit: Callable[[str, dict[str, Any]],
     ckpt = _resume_checkpoint(cfg, info, classes, base_lr)
     metrics = _on_main(info, "write the run folder", lambda: MetricsLog(run_dir)) or MetricsLog(run_dir, enabled=False)
     steps = len(train_loader)
-    state = _resume(ckpt, model, optimizer, scaler, metrics, info=info, steps_per_epoch=steps, path=run_dir / "last.pt")
+    state = _resume(
+        ckpt,
+        model,
+        optimizer,
+        scaler,
+        metrics,
+        info=info,
+        steps_per_epoch=steps,
+        path=run_dir / "last.pt",
+        num_workers=cfg.data.num_workers,
+    )
     del ckpt
     net: nn.Module = model
     if info.distributed:

@@ -216,6 +216,35 @@ def test_resume_with_another_batch_size_restarts_the_interrupted_epoch(
     assert [(r["epoch"], r["step"], r["steps"]) for r in records if r["kind"] == "epoch"] == [(1, 3, 3), (2, 12, 6)]
 
 
+def test_resume_with_another_worker_count_restarts_the_interrupted_epoch(
+    tiny_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The epoch's clips are dealt to rank x worker slots, so the rest of an epoch cut for 1 worker is not the rest
+    of one cut for 2: the interrupted epoch starts again (same steps per epoch, so the schedule is unchanged)."""
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_shards, out, epochs=2)
+    cfg = TrainConfig(
+        **{**{f: getattr(cfg, f) for f in ("train", "val", "out", "model", "optim")}},
+        data=DataConfig(**{**dataclasses.asdict(cfg.data), "num_workers": 0}),
+        runtime=RuntimeConfig(device="cpu", log_every=1, checkpoint_every=1),
+    )
+
+    def crash_at_step_4(kind: str, data: dict) -> None:
+        if kind == "step" and data["step"] == 4:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        fit(cfg, on_event=crash_at_step_4)
+    more = dataclasses.replace(cfg, data=DataConfig(**{**dataclasses.asdict(cfg.data), "num_workers": 2}))
+    with caplog.at_level(logging.WARNING, logger="ssv2prep.train.run"):
+        fit(more)
+    assert "saved with 0 loader workers per rank, this run has 2: restarting epoch 2" in caplog.text
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(6))  # steps 3-5 run once, anew
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert (last["epoch"], last["epoch_step"], last["global_step"]) == (2, 0, 6)
+
+
 def test_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "nan"
     fit(tiny_config(tiny_shards, out, epochs=1))
