@@ -32,3 +32,14 @@ def test_unlabelled_videos_are_left_out_and_empty_classes_are_nan() -> None:
     assert m.num_videos == 2 and m.top1 == 50.0
     assert np.isnan(m.per_class[1]) and np.isnan(m.per_class[2]) and m.mean_class_accuracy == 50.0
     assert confusion_matrix(np.array([2]), np.array([0]), 3)[0, 2] == 1
+
+
+def test_top_hits_stay_a_tensor_and_count_like_topk_correct() -> None:
+    from ssv2prep.train.metrics import top_hits
+
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.15, 0.05], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([1, 2, 1])
+    hits = top_hits(logits, labels, ks=(1, 2))
+    assert isinstance(hits, torch.Tensor) and hits.dtype == torch.int64
+    assert hits.tolist() == [1, 2]  # row 0 top-1; row 2's label is its second best; row 1's is its last
+    assert top_hits(logits[:0], labels[:0]).tolist() == [0, 0]
