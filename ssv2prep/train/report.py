@@ -2,7 +2,11 @@
 
 `metrics.jsonl` has one JSON object per line: `{"kind": "train", "epoch", "step", "loss", "top1", "lr", ...}` for
 logged steps, `{"kind": "epoch", ...}` per finished epoch and `{"kind": "eval", "epoch", "step", "top1", ...}` per
-evaluation. On resume, lines after the checkpoint's step are dropped so the file never holds a step twice.
+evaluation. `epoch` is 1-based everywhere (the epoch a step belongs to, or the epoch just finished); a train
+record's `step` is its 0-based step index, an epoch or eval record's the number of steps done. On resume, lines
+after the checkpoint's step are dropped (and TensorBoard purges its events from there) so nothing appears twice.
+
+TensorBoard tags: `train/<name>` per logged step, `epoch/train_<name>` per epoch, `val/<name>` per evaluation.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
         self._tb: Any = None
+        self._writer: Any = None  # the SummaryWriter class, when tensorboard is installed
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is optional
                 log.debug("tensorboard not installed; writing metrics.jsonl only")
             else:
+                self._writer = SummaryWriter
                 self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
@@ -38,7 +44,13 @@ class MetricsLog:
         A "train" record's `step` is the index of its step (0-based); epoch and eval records carry the number of
         steps done when they were written.
         """
-        if not self.enabled or not self.path.is_file():
+        if not self.enabled:
+            return
+        if self._tb is not None:  # a resumed run's events replace those logged after the checkpoint
+            log_dir = self._tb.log_dir
+            self._tb.close()
+            self._tb = self._writer(log_dir=log_dir, purge_step=step)
+        if not self.path.is_file():
             return
         kept = []
         for line in self.path.read_text().splitlines():
@@ -57,12 +69,19 @@ class MetricsLog:
         if self._tb is not None:
             for name, value in record.items():
                 if isinstance(value, int | float) and name not in ("step", "epoch"):
-                    self._tb.add_scalar(f"{record['kind']}/{name}", value, record["step"])
+                    self._tb.add_scalar(tensorboard_tag(record["kind"], name), value, record["step"])
 
     def close(self) -> None:
         """Flush TensorBoard."""
         if self._tb is not None:
             self._tb.close()
+
+
+def tensorboard_tag(kind: str, name: str) -> str:
+    """The TensorBoard tag of field `name` of a `kind` record: `train/loss`, `epoch/train_loss`, `val/top1`."""
+    if kind == "epoch":
+        return f"epoch/train_{name}"
+    return f"{'val' if kind == 'eval' else kind}/{name}"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

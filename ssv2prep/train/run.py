@@ -406,9 +406,9 @@ def _resume(
         metrics.truncate_after(global_step - epoch_step)
         epoch_step, global_step, meter = 0, global_step - epoch_step, None
     log.info(
-        "resuming %s at epoch %d, step %d of it (step %d overall)",
+        "resuming %s in epoch %d after %d of its steps (%d steps done overall)",
         path.parent,
-        ckpt["epoch"],
+        ckpt["epoch"] + 1,
         epoch_step,
         global_step,
     )
@@ -584,7 +584,7 @@ def _run_epoch(
     def on_step(stats: dict[str, Any]) -> None:
         emit("step", stats | {"epoch": epoch})
         if (stats["step"] + 1) % cfg.runtime.log_every == 0:
-            metrics.write({"kind": "train", "epoch": epoch, **stats})
+            metrics.write({"kind": "train", **stats, "epoch": epoch + 1})  # 1-based, as epoch and eval records
         done = stats["step"] + 1 - epoch_start
         if every and done % every == 0 and done < steps:
             total = sum_meter(meter, ctx.dist)  # every rank takes part; rank 0 saves

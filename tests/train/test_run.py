@@ -245,6 +245,38 @@ def test_resume_with_another_worker_count_restarts_the_interrupted_epoch(
     assert (last["epoch"], last["epoch_step"], last["global_step"]) == (2, 0, 6)
 
 
+def test_metrics_use_1_based_epochs_and_a_resumed_run_logs_no_step_twice(tiny_shards: Path, tmp_path: Path) -> None:
+    """metrics.jsonl: epochs 1-based in every record; TensorBoard: train/, epoch/train_*, val/ tags, and the steps
+    logged after the checkpoint by the stopped run are purged, so each step has one point."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    base = tiny_config(tiny_shards, out, epochs=2)
+    cfg = dataclasses.replace(base, runtime=RuntimeConfig(device="cpu", log_every=1))
+
+    def crash_at_step_5(kind: str, data: dict) -> None:
+        if kind == "step" and data["step"] == 5:  # steps 3 and 4 are logged, the checkpoint is at the end of epoch 1
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        fit(cfg, on_event=crash_at_step_5)
+    fit(cfg)
+    records = read_metrics(out / "metrics.jsonl")
+    train = [(r["epoch"], r["step"]) for r in records if r["kind"] == "train"]
+    assert train == [(1, 0), (1, 1), (1, 2), (2, 3), (2, 4), (2, 5)]
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "epoch/train_loss", "val/top1"} <= tags
+    assert not any(t.startswith("eval/") for t in tags)
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == list(range(6))  # the stopped run's steps 3-4 were purged, not kept beside the resumed ones
+    losses = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    np.testing.assert_allclose([e.value for e in events.Scalars("train/loss")], [losses[s] for s in steps], rtol=1e-6)
+
+
 def test_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "nan"
     fit(tiny_config(tiny_shards, out, epochs=1))
