@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ssv2prep import storage
 from ssv2prep.errors import ConfigError, ShardError
@@ -126,7 +126,10 @@ def _check_sample(key: str, members: dict[str, bytes], fmt: str, decode: bool) -
                 try:
                     Image.open(io.BytesIO(members[name])).load()
                 except (OSError, SyntaxError) as exc:
-                    problems.append(f"sample {key}: frame {name} does not decode ({exc})")
+                    # PIL names the in-memory stream (with its address) when it cannot identify the bytes: the
+                    # report must not depend on which process read them
+                    why = "not an image PIL can identify" if isinstance(exc, UnidentifiedImageError) else exc
+                    problems.append(f"sample {key}: frame {name} does not decode ({why})")
                     break
     elif not any(s in members for s in ("webm", "mp4")):
         problems.append(f"sample {key}: no video member")
