@@ -25,6 +25,7 @@ from ssv2prep.prep.plan import DATASET_NAME
 from ssv2prep.prep.shard import SampleStatus, ShardStats
 
 INDEX_KIND = "wids-shard-index-v1"
+WORK_DIR = ".ssv2prep-work"  # OUT/.ssv2prep-work/: settings.json and one work record per finished shard
 
 
 def index_path(out_dir: Path, split: str) -> Path:

@@ -36,13 +36,11 @@ from ssv2prep.annotations import SPLITS, Annotations, flip_pairs, load_annotatio
 from ssv2prep.errors import ConfigError, ShardError
 from ssv2prep.fsutil import output_lock, output_write_error, write_problem
 from ssv2prep.prep.decode import cpu_count
-from ssv2prep.prep.index import SplitSummary, json_bytes, write_classes, write_split_files
+from ssv2prep.prep.index import WORK_DIR, SplitSummary, json_bytes, write_classes, write_split_files
 from ssv2prep.prep.plan import ShardSpec, carve_holdout, plan_shards, select_part
 from ssv2prep.prep.shard import ON_ERROR, ShardStats, WriterSettings, find_video, write_shard
 
 log = logging.getLogger(__name__)
-
-WORK_DIR = ".ssv2prep-work"
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,17 +306,19 @@ class TooManyFailuresError(ShardError):
 
 
 def _check_failures(result: ShardRunResult, failed_limit: float, missing_limit: float, videos_dir: Path | None) -> None:
+    # the assembling run after --part runs has no --videos: the entries were missing from the parts' --videos
+    videos = f"--videos {videos_dir}" if videos_dir is not None else "--videos (of the runs that wrote the shards)"
     for s in result.summaries.values():
         entries = s.ok + s.failed + s.missing
         if entries and not s.ok:
             raise TooManyFailuresError(
-                f"split {s.split}: none of its {entries} videos could be used ({s.missing} not found in --videos "
-                f"{videos_dir}, {s.failed} failed); the manifest {s.split} lists each with its reason",
+                f"split {s.split}: none of its {entries} videos could be used ({s.missing} not found in "
+                f"{videos}, {s.failed} failed); the manifest {s.split} lists each with its reason",
                 result,
             )
         if entries and s.missing / entries > missing_limit:
             raise TooManyFailuresError(
-                f"split {s.split}: {s.missing} of {entries} videos are not in --videos {videos_dir}, more than "
+                f"split {s.split}: {s.missing} of {entries} videos are not in {videos}, more than "
                 f"--max-missing-fraction {missing_limit}; check --videos, or raise that limit",
                 result,
             )
@@ -410,6 +410,7 @@ def shard_dataset(
             than `max_failed_fraction` / `max_missing_fraction` allow, or none is usable (after writing everything).
         OutputLockedError: another run holds OUT.
         OutputWriteError: OUT cannot be written (full, read-only, denied); finished shards stay recorded.
+        StorageError: an object-store OUT cannot be listed, read or written (the message names the URL).
         KeyboardInterrupt: stopped by Ctrl-C (or SIGTERM, via the CLI); finished shards stay recorded, temp files
             and unrecorded tars are removed.
     """

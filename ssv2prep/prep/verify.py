@@ -22,7 +22,9 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import tarfile
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -34,10 +36,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ssv2prep import storage
 from ssv2prep.errors import ConfigError, ShardError
-from ssv2prep.prep.decode import cpu_count
-from ssv2prep.prep.index import read_classes, read_index, read_manifest
+from ssv2prep.prep.index import WORK_DIR, read_classes, read_index, read_manifest
 from ssv2prep.prep.plan import DATASET_NAME
-from ssv2prep.prep.prepare import WORK_DIR, _ignore_sigint
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,9 @@ def check_shard(task: ShardTask) -> ShardCheck:
     name, entry = storage.basename(task.url), task.entry
     try:
         fh = storage.open_read(task.url)
-    except storage.StorageError:
-        return ShardCheck([f"{name}: missing"], {})
+    except (storage.StorageError, OSError) as exc:
+        gone = isinstance(exc, IsADirectoryError) or str(exc).endswith(": not found")
+        return ShardCheck([f"{name}: missing" if gone else f"{name}: cannot be read ({exc})"], {})
     sample_problems: list[str] = []
     samples: dict[str, tuple[Any, Any]] = {}
     tar_error = None
@@ -324,6 +325,29 @@ def _close_split(folder: str, names: set[str], split: _Split, checks: list[Shard
     report.problems += _check_manifest(folder, names, index, seen)
 
 
+def _worker_init() -> None:
+    # Ctrl-C is the parent's to handle (it stops the pool); a worker taking it would print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """`fork` while this process runs no other thread (workers start at once, modules already imported), else
+    `forkserver`: forking a process with threads (an object store's IO loop, a progress bar) can copy a lock held
+    mid-use into a child that then waits on it forever."""
+    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # imported once in the fork server, not once per worker
+    return ctx
+
+
 def _run_checks(tasks: list[ShardTask], workers: int, on_shard: Callable[[str], None] | None) -> list[ShardCheck]:
     """`check_shard` over `tasks`, in a process pool when `workers` > 1; results in task order."""
     results: list[ShardCheck | None] = [None] * len(tasks)
@@ -333,8 +357,8 @@ def _run_checks(tasks: list[ShardTask], workers: int, on_shard: Callable[[str], 
             if on_shard:
                 on_shard(storage.basename(task.url))
     else:
-        ctx = multiprocessing.get_context("forkserver")
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx, initializer=_ignore_sigint)
+        ctx = _pool_context()
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx, initializer=_worker_init)
         try:
             futures = {pool.submit(check_shard, task): i for i, task in enumerate(tasks)}
             for fut in as_completed(futures):
@@ -394,7 +418,7 @@ def verify_folder(
         if split.index is not None
         for e in split.index["shardlist"]
     ]
-    checks = iter(_run_checks(tasks, workers or cpu_count(), on_shard))
+    checks = iter(_run_checks(tasks, workers or _cores(), on_shard))
     for split in splits:
         n = len(split.index["shardlist"]) if split.index is not None else 0
         _close_split(root, listed, split, [next(checks) for _ in range(n)], report)
