@@ -244,3 +244,85 @@ def list_names(folder: str | os.PathLike[str]) -> list[str]:
         except FileNotFoundError:
             return []
     return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "file")
+
+
+def list_sizes(folder: str | os.PathLike[str]) -> dict[str, int]:
+    """{name: size in bytes} of the files directly inside a folder or prefix, from one listing; {} when none."""
+    text = os.fspath(folder)
+    if not is_remote(text):
+        root = local_path(text)
+        if not root.is_dir():
+            return {}
+        out = {}
+        for entry in os.scandir(root):
+            with contextlib.suppress(FileNotFoundError):  # a temp file renamed away while listing
+                if entry.is_file():
+                    out[entry.name] = entry.stat().st_size
+        return dict(sorted(out.items()))
+    fs, path = _fs(text)
+    with _errors(text, "listing"):
+        try:
+            entries = fs.ls(path.rstrip("/"), detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+    return dict(
+        sorted(
+            (posixpath.basename(e["name"].rstrip("/")), int(e.get("size") or 0))
+            for e in entries
+            if e.get("type") == "file"
+        )
+    )
+
+
+def read_many(urls: list[str]) -> dict[str, bytes]:
+    """{url: content} of several files or objects; remote ones of one store are fetched concurrently.
+
+    Raises:
+        StorageError: one of them is missing or unreadable (the message names the first such URL).
+    """
+    out: dict[str, bytes] = {}
+    remote: dict[str, list[str]] = {}
+    for url in urls:
+        if is_remote(url):
+            remote.setdefault(scheme_of(url) or "", []).append(url)
+        else:
+            out[url] = read_bytes(url)
+    for group in remote.values():
+        fs, _ = _fs(group[0])
+        paths = {_fs_path(url): url for url in group}
+        with _errors(group[0], "reading"):
+            got = fs.cat(list(paths), on_error="return")
+        for path, url in paths.items():
+            data = got.get(path, FileNotFoundError(path))
+            if isinstance(data, BaseException):
+                with _errors(url, "reading"):
+                    raise data
+            out[url] = bytes(data)
+    return {url: out[url] for url in urls}
+
+
+def _fs_path(url: str) -> str:
+    return _fs(url)[1]
+
+
+def abort_uploads(folder: str | os.PathLike[str], names: list[str] | set[str]) -> list[str]:
+    """Abort multipart uploads left open (by a killed writer) for objects `names` of an S3 prefix; their names.
+
+    An open upload is invisible in listings but keeps its parts (and their cost) until aborted. Only the given
+    names are touched, so a `--part` run never aborts another part's upload in progress. Local folders and other
+    stores have no such thing: [].
+    """
+    text = os.fspath(folder)
+    if scheme_of(text) != "s3":
+        return []
+    fs, path = _fs(text)
+    bucket, _, prefix = path.rstrip("/").partition("/")
+    wanted = {f"{prefix}/{n}" if prefix else n: n for n in names}
+    aborted = []
+    with _errors(text, "listing open uploads"):
+        for upload in fs.list_multipart_uploads(bucket):
+            name = wanted.get(upload.get("Key", ""))
+            if name is not None:
+                fs.abort_mpu(bucket, upload["Key"], upload["UploadId"])
+                aborted.append(name)
+    return sorted(aborted)

@@ -77,3 +77,26 @@ def test_unknown_scheme_and_read_only_http_are_config_errors() -> None:
         storage.exists("ftp://h/x")
     with pytest.raises(ConfigError, match="read-only"):
         storage.write_bytes("https://example.invalid/x", b"")
+
+
+def test_list_sizes_and_read_many_from_one_listing(root: str) -> None:
+    blobs = {"a.json": b"{}", "b.tar": bytes(5000), "sub/c.bin": b"deeper"}
+    for name, data in blobs.items():
+        storage.write_bytes(storage.join(root, name), data)
+    assert storage.list_sizes(root) == {"a.json": 2, "b.tar": 5000}  # files directly inside only
+    assert storage.list_sizes(storage.join(root, "nothing-here")) == {}
+    urls = [storage.join(root, n) for n in ("b.tar", "sub/c.bin", "a.json")]
+    got = storage.read_many(urls)
+    assert list(got) == urls and list(got.values()) == [bytes(5000), b"deeper", b"{}"]
+    with pytest.raises(StorageError, match=r"missing\.json: not found"):
+        storage.read_many([urls[0], storage.join(root, "missing.json")])
+
+
+def test_abort_uploads_aborts_only_the_named_open_uploads(s3) -> None:
+    bucket = s3.new_bucket()
+    for key in ("p/ssv2-train-000000.tar", "p/ssv2-train-000001.tar", "other/ssv2-train-000000.tar"):
+        s3.client.create_multipart_upload(Bucket=bucket, Key=key)
+    aborted = storage.abort_uploads(f"s3://{bucket}/p", {"ssv2-train-000000.tar", "ssv2-train-000009.tar"})
+    assert aborted == ["ssv2-train-000000.tar"]
+    assert sorted(s3.multipart_uploads(bucket)) == ["other/ssv2-train-000000.tar", "p/ssv2-train-000001.tar"]
+    assert storage.abort_uploads("/local/folder", {"x"}) == []

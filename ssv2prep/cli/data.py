@@ -232,7 +232,7 @@ def extract(src: Path, dest: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------- shard
 
 
-def _print_summaries(summaries: dict[str, Any], out_dir: Path) -> None:
+def _print_summaries(summaries: dict[str, Any], out_dir: str | Path) -> None:
     table = Table(title=f"shards in {out_dir}")
     for col in ("split", "shards", "ok", "failed", "missing", "frames", "MB", "failure reasons"):
         table.add_column(col, justify="left" if col in ("split", "failure reasons") else "right")
@@ -261,9 +261,10 @@ def _print_summaries(summaries: dict[str, Any], out_dir: Path) -> None:
 @click.option(
     "--videos",
     "videos_dir",
-    required=True,
+    default=None,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Folder of <id>.webm files.",
+    help="Folder of <id>.webm files (not needed by a run with every shard already written, e.g. the run that "
+    "writes the indexes after the --part runs).",
 )
 @click.option(
     "--labels",
@@ -276,8 +277,14 @@ def _print_summaries(summaries: dict[str, Any], out_dir: Path) -> None:
     "--out",
     "out_dir",
     required=True,
+    help="Output folder for shards and their index files: a local folder or an object-store prefix "
+    "(s3://bucket/prefix, gs://...; credentials from the store's usual environment).",
+)
+@click.option(
+    "--staging-dir",
+    default=None,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Output folder for shards and their index files.",
+    help="With an object-store --out: local folder where shards are written before upload (default: a temp folder).",
 )
 @click.option("--splits", default="train,validation,test", show_default=True, help="Comma-separated splits.")
 @click.option(
@@ -340,9 +347,10 @@ def _print_summaries(summaries: dict[str, Any], out_dir: Path) -> None:
     "(default: --max-failed-fraction). A split with no usable video is always an error.",
 )
 def shard(
-    videos_dir: Path,
+    videos_dir: Path | None,
     labels_dir: Path,
-    out_dir: Path,
+    out_dir: str,
+    staging_dir: Path | None,
     splits: str,
     holdout: float,
     videos_per_shard: int,
@@ -368,6 +376,10 @@ def shard(
       ssv2prep shard --videos data/20bn-something-something-v2 --labels data/labels --out shards
       ssv2prep shard ... --short-side 256 --holdout 0.05 --workers 16
       ssv2prep shard ... --part 3/8      # machine 3 of 8; re-run without --part to write the indexes
+      ssv2prep shard ... --out s3://bucket/ssv2 --part 3/8   # parts share only the bucket
+      ssv2prep shard --labels data/labels --out s3://bucket/ssv2   # after all parts: indexes, no videos needed
+
+    With an object-store --out there is no lock: give each machine a distinct --part.
     """
     from ssv2prep.prep.plan import parse_part
     from ssv2prep.prep.prepare import ShardConfig, TooManyFailuresError, shard_dataset
@@ -376,7 +388,8 @@ def shard(
     cfg = ShardConfig(
         videos_dir=videos_dir,
         labels_dir=labels_dir,
-        out_dir=out_dir,
+        out_dir=out_dir if "://" in out_dir else Path(out_dir),
+        staging_dir=staging_dir,
         splits=split_list(splits),
         holdout=holdout,
         videos_per_shard=videos_per_shard,
@@ -432,21 +445,32 @@ def shard(
 
 
 @main.command()
-@click.argument("shard_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("shard_dir")
 @click.option("--no-decode", is_flag=True, help="Skip decoding every JPEG (faster; checksums still checked).")
-def verify(shard_dir: Path, no_decode: bool) -> None:
+@click.option(
+    "--workers", type=click.IntRange(min=0), default=0, show_default=True, help="Processes (0 = one per core)."
+)
+def verify(shard_dir: str, no_decode: bool, workers: int) -> None:
     """Re-read every shard of every index in SHARD_DIR: checksums, counts, JPEGs, manifest invariants.
 
+    SHARD_DIR is a local folder or an object-store prefix (s3://bucket/prefix); remote shards are streamed.
+
     \b
-    Example:
+    Examples:
       ssv2prep verify shards
+      ssv2prep verify s3://bucket/ssv2 --workers 8
     """
+    from ssv2prep import storage
     from ssv2prep.errors import ShardError
     from ssv2prep.prep.verify import count_shards, verify_folder
 
+    if not storage.is_remote(shard_dir) and not storage.local_path(shard_dir).is_dir():
+        raise click.BadParameter(f"{shard_dir}: not a folder", param_hint="SHARD_DIR")
     with progress_bars() as progress:
         task = progress.add_task("verifying", total=count_shards(shard_dir), rate="")
-        report = verify_folder(shard_dir, decode=not no_decode, on_shard=lambda _: progress.advance(task))
+        report = verify_folder(
+            shard_dir, decode=not no_decode, workers=workers, on_shard=lambda _: progress.advance(task)
+        )
     splits = ", ".join(f"{k} {v}" for k, v in report.splits.items())
     if not report.ok:
         for problem in report.problems:

@@ -4,6 +4,10 @@
 - `ssv2-{split}.manifest.jsonl`: one line per annotation entry, whatever became of it.
 - `ssv2-{split}.stats.json`: counts, failure reasons, bytes, time, throughput.
 - `classes.json`: class names in index order.
+
+Every writer and reader here goes through `ssv2prep.storage`, so an output folder may be a local path or an
+object-store prefix (`s3://bucket/prefix`). An index is self-contained: it carries the class names
+(`class_names`) as well as naming `classes.json` (kept for the shard-format contract and for older readers).
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import ssv2prep
-from ssv2prep.errors import ShardError
-from ssv2prep.fsutil import atomic_write_json, atomic_write_text
+from ssv2prep import storage
+from ssv2prep.errors import ConfigError, ShardError
 from ssv2prep.prep.plan import DATASET_NAME
 from ssv2prep.prep.shard import SampleStatus, ShardStats
 
 INDEX_KIND = "wids-shard-index-v1"
+WORK_DIR = ".ssv2prep-work"  # OUT/.ssv2prep-work/: settings.json and one work record per finished shard
 
 
 def index_path(out_dir: Path, split: str) -> Path:
@@ -70,6 +75,7 @@ def build_index(
         "num_frames": sum(s.num_frames for s in shards),
         "num_classes": len(classes),
         "classes": "classes.json",
+        "class_names": list(classes),
         "jpeg_quality": settings["quality"] if settings["format"] == "frames" else None,
         "short_side": settings["short_side"],
         "flip_pairs": flip_pairs,
@@ -118,8 +124,13 @@ def build_stats(summary: SplitSummary, shards: list[ShardStats], *, wall_seconds
     }
 
 
+def json_bytes(obj: Any, indent: int | None = 2) -> bytes:
+    """`obj` as UTF-8 JSON and a newline: the bytes fsutil.atomic_write_json writes, in an object store too."""
+    return (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def write_split_files(
-    out_dir: Path,
+    out_dir: str | Path,
     split: str,
     shards: list[ShardStats],
     *,
@@ -128,21 +139,22 @@ def write_split_files(
     settings: dict[str, Any],
     wall_seconds: float,
 ) -> SplitSummary:
-    """Write manifest, stats and index (index last: its presence means the split is complete)."""
+    """Write manifest, stats and index into a folder or prefix, each atomically (index last: its presence means
+    the split is complete)."""
     summary = summarize(split, shards)
     lines = [json.dumps(o.to_json(), ensure_ascii=False) for s in shards for o in s.outcomes]
-    atomic_write_text(manifest_path(out_dir, split), "".join(line + "\n" for line in lines))
-    atomic_write_json(stats_path(out_dir, split), build_stats(summary, shards, wall_seconds=wall_seconds))
-    atomic_write_json(
-        index_path(out_dir, split),
-        build_index(split, shards, classes=classes, flip_pairs=flip_pairs, settings=settings),
-    )
+    base = f"{DATASET_NAME}-{split}"
+    storage.write_bytes(storage.join(out_dir, f"{base}.manifest.jsonl"), "".join(x + "\n" for x in lines).encode())
+    stats = build_stats(summary, shards, wall_seconds=wall_seconds)
+    storage.write_bytes(storage.join(out_dir, f"{base}.stats.json"), json_bytes(stats))
+    index = build_index(split, shards, classes=classes, flip_pairs=flip_pairs, settings=settings)
+    storage.write_bytes(storage.join(out_dir, f"{base}.json"), json_bytes(index))
     return summary
 
 
-def write_classes(out_dir: Path, classes: list[str]) -> None:
+def write_classes(out_dir: str | Path, classes: list[str]) -> None:
     """`classes.json`: a JSON list of class names in index order."""
-    atomic_write_json(out_dir / "classes.json", list(classes))
+    storage.write_bytes(storage.join(out_dir, "classes.json"), json_bytes(list(classes)))
 
 
 def check_index(obj: Any, where: str) -> dict[str, Any]:
@@ -156,34 +168,60 @@ def check_index(obj: Any, where: str) -> dict[str, Any]:
     return obj
 
 
-def read_index(path: str | Path) -> dict[str, Any]:
-    """Load and sanity-check a local shard index; raise ShardError naming the file."""
-    p = Path(path)
+def _read_text(url: str | Path, what: str) -> str:
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ShardError(f"{p}: shard index not found") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShardError(f"{p}: not a readable shard index ({exc})") from exc
-    return check_index(obj, str(p))
+        return storage.read_bytes(url).decode("utf-8")
+    except storage.StorageError as exc:
+        raise ShardError(f"{exc} ({what})") from exc
+    except UnicodeDecodeError as exc:
+        raise ShardError(f"{url}: not a readable {what} ({exc})") from exc
+
+
+def read_index(path: str | Path) -> dict[str, Any]:
+    """Load and sanity-check a shard index (a local file or an object URL); raise ShardError naming it."""
+    text = _read_text(path, "shard index")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{path}: not a readable shard index ({exc})") from exc
+    return check_index(obj, str(path))
+
+
+def _class_list(obj: Any, where: str) -> list[str]:
+    if not isinstance(obj, list) or not all(isinstance(c, str) for c in obj):
+        raise ShardError(f"{where}: expected a JSON list of class names")
+    return list(obj)
 
 
 def read_classes(index_file: str | Path, index: dict[str, Any]) -> list[str]:
-    """The class list an index points at (`classes.json` beside it)."""
-    path = Path(index_file).parent / str(index.get("classes", "classes.json"))
+    """The class names of an index: its own `class_names`, else the `classes` file it names, read beside it.
+
+    Never made up: an index that carries no names and whose class file is absent, unreadable or outside its folder
+    raises.
+
+    Raises:
+        ShardError: no usable class list; the message names the index.
+    """
+    if "class_names" in index:
+        return _class_list(index["class_names"], f"{index_file}: class_names")
+    name = str(index.get("classes", "classes.json"))
     try:
-        classes = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ShardError(f"{path}: cannot read the class list ({exc})") from exc
-    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
-        raise ShardError(f"{path}: expected a JSON list of class names")
-    return classes
+        url = storage.join(storage.parent(index_file), name)
+    except ConfigError as exc:
+        raise ShardError(f"{index_file}: no class_names, and its class list {exc}") from exc
+    try:
+        obj = json.loads(_read_text(url, "class list"))
+    except (ShardError, json.JSONDecodeError) as exc:
+        raise ShardError(
+            f"{index_file}: the index carries no class_names and its class list {name} cannot be read ({exc})"
+        ) from exc
+    return _class_list(obj, str(url))
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
-    """The manifest lines of a split as dicts."""
-    p = Path(path)
+    """The manifest lines of a split as dicts (a local file or an object URL)."""
+    text = _read_text(path, "manifest")
     try:
-        return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ShardError(f"{p}: cannot read the manifest ({exc})") from exc
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise ShardError(f"{path}: cannot read the manifest ({exc})") from exc

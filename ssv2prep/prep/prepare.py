@@ -4,6 +4,13 @@ Order: validate settings and annotations (bad input stops everything before any 
 skip shards already complete -> write the rest in a pool -> write each split's index/manifest/stats once all of its
 shards exist. A small work record per finished shard (in `OUT/.ssv2prep-work/`) is what lets a re-run, or a run of
 another `--part`, skip it without reading it back.
+
+`--out` may be an object-store prefix (`s3://bucket/prefix`). The same engine then writes each shard into a local
+staging folder (`--staging-dir`, or a temp folder), uploads the finished tar as one object, then its work record
+(record last: a listed record means its tar object is whole), and deletes the local copy. Resuming reads what the
+store holds from one listing of OUT and one of its work folder (plus the records themselves). A run with nothing
+left to encode (the assembling run after the `--part` runs) needs no `--videos`. The file lock cannot work on an
+object store: remote `--part` runs must be distinct parts (two runs of the same part would write the same objects).
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,26 +31,25 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ssv2prep import storage
 from ssv2prep.annotations import SPLITS, Annotations, flip_pairs, load_annotations
 from ssv2prep.errors import ConfigError, ShardError
-from ssv2prep.fsutil import atomic_write_json, output_lock, output_write_error, write_problem
+from ssv2prep.fsutil import output_lock, output_write_error, write_problem
 from ssv2prep.prep.decode import cpu_count
-from ssv2prep.prep.index import SplitSummary, write_classes, write_split_files
+from ssv2prep.prep.index import WORK_DIR, SplitSummary, json_bytes, write_classes, write_split_files
 from ssv2prep.prep.plan import ShardSpec, carve_holdout, plan_shards, select_part
 from ssv2prep.prep.shard import ON_ERROR, ShardStats, WriterSettings, find_video, write_shard
 
 log = logging.getLogger(__name__)
-
-WORK_DIR = ".ssv2prep-work"
 
 
 @dataclass(frozen=True, slots=True)
 class ShardConfig:
     """Options of `ssv2prep shard` (defaults live here and nowhere else)."""
 
-    videos_dir: Path
+    videos_dir: Path | None  # None: only allowed when nothing is left to encode
     labels_dir: Path
-    out_dir: Path
+    out_dir: str | Path  # a local folder or an object-store prefix (s3://bucket/prefix)
     splits: tuple[str, ...] = SPLITS
     holdout: float = 0.0
     videos_per_shard: int = 500
@@ -52,11 +60,23 @@ class ShardConfig:
     on_error: str = "skip"
     max_failed_fraction: float = 0.01
     max_missing_fraction: float | None = None  # None: the same limit as max_failed_fraction
+    staging_dir: Path | None = None  # remote --out only: where shards are written before upload (None: a temp dir)
+
+    @property
+    def remote(self) -> bool:
+        """True when `out_dir` is an object-store prefix."""
+        return storage.is_remote(self.out_dir)
 
     def validate(self) -> None:
-        """Raise ConfigError on a bad value or a missing input folder."""
+        """Raise ConfigError on a bad value or a missing input folder (`--videos` is checked once the plan shows
+        there is something to encode)."""
         self.writer.validate()
-        if not self.videos_dir.is_dir():
+        scheme = storage.scheme_of(self.out_dir)  # ConfigError on an unknown scheme
+        if scheme is not None and not storage.SCHEMES[scheme][1]:
+            raise ConfigError(f"--out {self.out_dir}: {scheme}:// is read-only; use a local folder or an object store")
+        if self.staging_dir is not None and scheme is None:
+            raise ConfigError("--staging-dir is for an object-store --out (a local --out is written in place)")
+        if self.videos_dir is not None and not self.videos_dir.is_dir():
             raise ConfigError(f"--videos {self.videos_dir}: not a folder")
         if not self.labels_dir.is_dir():
             raise ConfigError(f"--labels {self.labels_dir}: not a folder")
@@ -129,28 +149,43 @@ def settings_record(cfg: ShardConfig, plans: dict[str, list[ShardSpec]]) -> dict
     }
 
 
-def _check_settings(work: Path, settings: dict[str, Any]) -> None:
-    path = work / "settings.json"
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff:
-            raise ConfigError(
-                f"{path.parent.parent}: already holds shards written with other settings ({', '.join(diff)} differ); "
-                "use another --out or delete that folder"
-            )
-    else:
-        atomic_write_json(path, settings)
+def _check_settings(out: str | Path, work_names: dict[str, int], settings: dict[str, Any]) -> bool:
+    """Whether OUT already records these settings; raise ConfigError when it records others."""
+    if "settings.json" not in work_names:
+        return False
+    old = json.loads(storage.read_bytes(storage.join(storage.join(out, WORK_DIR), "settings.json")))
+    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if diff:
+        raise ConfigError(
+            f"{out}: already holds shards written with other settings ({', '.join(diff)} differ); "
+            "use another --out or delete that folder"
+        )
+    return True
 
 
-def _load_done(work: Path, out_dir: Path, spec: ShardSpec) -> ShardStats | None:
-    """The work record of a finished shard, if the record and the tar both exist and agree on size."""
-    record = work / f"{spec.name}.json"
-    tar = out_dir / spec.name
-    if not record.is_file() or not tar.is_file():
-        return None
-    stats = ShardStats.from_json(json.loads(record.read_text(encoding="utf-8")))
-    return stats if tar.stat().st_size == stats.filesize else None
+def _done_records(
+    out: str | Path, specs: list[ShardSpec], work_names: dict[str, int] | None = None
+) -> dict[str, ShardStats]:
+    """{shard name: its work record} of the finished shards among `specs`: record and tar both there, same size.
+
+    One listing of OUT and one of its work folder (the latter may be passed in), then only the records that can
+    count are read (concurrently from an object store): never one existence check per shard.
+    """
+    work = storage.join(out, WORK_DIR)
+    tars = storage.list_sizes(out)
+    records = storage.list_sizes(work) if work_names is None else work_names
+    names = [s.name for s in specs if s.name in tars and f"{s.name}.json" in records]
+    blobs = storage.read_many([storage.join(work, f"{n}.json") for n in names])
+    done = {}
+    for name, blob in zip(names, blobs.values(), strict=True):
+        try:
+            stats = ShardStats.from_json(json.loads(blob))
+        except (ValueError, KeyError, TypeError):
+            log.warning("%s: unreadable work record of %s; writing that shard again", work, name)
+            continue
+        if stats.filesize == tars[name]:
+            done[name] = stats
+    return done
 
 
 def _remove_stale_temps(out_dir: Path, specs: list[ShardSpec] | None = None) -> None:
@@ -242,19 +277,18 @@ def _run_pool(
 def _finalize(
     cfg: ShardConfig, ann: Annotations, plans: dict[str, list[ShardSpec]], settings: dict[str, Any], wall_s: float
 ) -> tuple[dict[str, SplitSummary], list[str]]:
-    work = cfg.out_dir / WORK_DIR
     summaries, incomplete = {}, []
     classes = list(ann.classes)
     write_classes(cfg.out_dir, classes)
+    done = _done_records(cfg.out_dir, [spec for specs in plans.values() for spec in specs])
     for split, specs in plans.items():
-        done = [_load_done(work, cfg.out_dir, spec) for spec in specs]
-        if any(d is None for d in done):
+        if any(spec.name not in done for spec in specs):
             incomplete.append(split)
             continue
         summaries[split] = write_split_files(
             cfg.out_dir,
             split,
-            [d for d in done if d is not None],
+            [done[spec.name] for spec in specs],
             classes=classes,
             flip_pairs=flip_pairs(classes),
             settings=settings,
@@ -271,18 +305,20 @@ class TooManyFailuresError(ShardError):
         self.result = result
 
 
-def _check_failures(result: ShardRunResult, failed_limit: float, missing_limit: float, videos_dir: Path) -> None:
+def _check_failures(result: ShardRunResult, failed_limit: float, missing_limit: float, videos_dir: Path | None) -> None:
+    # the assembling run after --part runs has no --videos: the entries were missing from the parts' --videos
+    videos = f"--videos {videos_dir}" if videos_dir is not None else "--videos (of the runs that wrote the shards)"
     for s in result.summaries.values():
         entries = s.ok + s.failed + s.missing
         if entries and not s.ok:
             raise TooManyFailuresError(
-                f"split {s.split}: none of its {entries} videos could be used ({s.missing} not found in --videos "
-                f"{videos_dir}, {s.failed} failed); the manifest {s.split} lists each with its reason",
+                f"split {s.split}: none of its {entries} videos could be used ({s.missing} not found in "
+                f"{videos}, {s.failed} failed); the manifest {s.split} lists each with its reason",
                 result,
             )
         if entries and s.missing / entries > missing_limit:
             raise TooManyFailuresError(
-                f"split {s.split}: {s.missing} of {entries} videos are not in --videos {videos_dir}, more than "
+                f"split {s.split}: {s.missing} of {entries} videos are not in {videos}, more than "
                 f"--max-missing-fraction {missing_limit}; check --videos, or raise that limit",
                 result,
             )
@@ -296,9 +332,20 @@ def _check_failures(result: ShardRunResult, failed_limit: float, missing_limit: 
             )
 
 
-def _check_videos_exist(cfg: ShardConfig, plans: dict[str, list[ShardSpec]]) -> None:
-    """Stop before any work when a split has entries but not one of its videos is in `--videos` (a wrong folder)."""
+def _check_videos_exist(cfg: ShardConfig, plans: dict[str, list[ShardSpec]], todo: list[ShardSpec]) -> None:
+    """Stop before any work when shards are left to encode and `--videos` is not given, or a split with shards to
+    encode has entries but not one of its videos is in `--videos` (a wrong folder)."""
+    if not todo:
+        return
+    splits = sorted({spec.split for spec in todo})
+    if cfg.videos_dir is None:
+        raise ConfigError(
+            f"--videos is needed: {len(todo)} shards of {', '.join(splits)} are still to write in {cfg.out_dir} "
+            "(only a run with every shard already written can do without the videos)"
+        )
     for split, specs in plans.items():
+        if split not in splits:
+            continue
         records = [r for spec in specs for r in spec.records]
         if records and not any(find_video(cfg.videos_dir, r.video_id) is not None for r in records):
             raise ShardError(
@@ -307,13 +354,40 @@ def _check_videos_exist(cfg: ShardConfig, plans: dict[str, list[ShardSpec]]) -> 
             )
 
 
-def _remove_unrecorded(work: Path, out_dir: Path, specs: list[ShardSpec]) -> None:
-    """After an interrupted run: remove temp files and any tar of `specs` that has no work record (a re-run
-    rewrites it anyway), so that every tar left on disk is a recorded, complete shard."""
-    _remove_stale_temps(out_dir, specs)
+def _remove_unrecorded(work: str | Path, staging: Path, specs: list[ShardSpec], *, remote: bool) -> None:
+    """After an interrupted run: remove temp files and any local tar of `specs` that has no work record (a re-run
+    rewrites it anyway), so that every tar left on disk is a recorded, complete shard. With a remote OUT every
+    local tar of `specs` is only a staged copy: all go."""
+    _remove_stale_temps(staging, specs)
     for spec in specs:
-        if not (work / f"{spec.name}.json").is_file():
-            (out_dir / spec.name).unlink(missing_ok=True)
+        if remote or not storage.exists(storage.join(work, f"{spec.name}.json")):
+            (staging / spec.name).unlink(missing_ok=True)
+
+
+def _lock_folder(locks: contextlib.ExitStack, folder: Path, option: str, part: tuple[int, int] | None) -> None:
+    # One run per folder; the --part runs of one plan may share it (they write disjoint shards), one per part.
+    locks.enter_context(output_lock(folder, option=option, shared=part is not None))
+    if part is not None:
+        k, n = part
+        name = f".ssv2prep-part-{k}-of-{n}.lock"
+        locks.enter_context(output_lock(folder, option=f"--part {k}/{n} of {option}", name=name))
+
+
+@contextlib.contextmanager
+def _staging(cfg: ShardConfig) -> Iterator[Path]:
+    """The local folder shards are written into, locked: OUT itself, `--staging-dir`, or a temp folder (removed
+    afterwards)."""
+    with contextlib.ExitStack() as locks:
+        if not cfg.remote:
+            folder = storage.local_path(cfg.out_dir)
+            _lock_folder(locks, folder, "--out", cfg.part)
+        elif cfg.staging_dir is not None:
+            folder = cfg.staging_dir
+            _lock_folder(locks, folder, "--staging-dir", cfg.part)
+        else:
+            folder = Path(tempfile.mkdtemp(prefix="ssv2prep-staging-"))
+            locks.callback(shutil.rmtree, folder, ignore_errors=True)
+        yield folder
 
 
 def shard_dataset(
@@ -336,6 +410,7 @@ def shard_dataset(
             than `max_failed_fraction` / `max_missing_fraction` allow, or none is usable (after writing everything).
         OutputLockedError: another run holds OUT.
         OutputWriteError: OUT cannot be written (full, read-only, denied); finished shards stay recorded.
+        StorageError: an object-store OUT cannot be listed, read or written (the message names the URL).
         KeyboardInterrupt: stopped by Ctrl-C (or SIGTERM, via the CLI); finished shards stay recorded, temp files
             and unrecorded tars are removed.
     """
@@ -343,17 +418,10 @@ def shard_dataset(
     cfg.validate()
     ann = load_annotations(cfg.labels_dir, cfg.splits)
     plans = plan_all(cfg, ann)
-    _check_videos_exist(cfg, plans)
     settings = settings_record(cfg, plans)
     try:
-        with contextlib.ExitStack() as locks:
-            # One run per --out; the --part runs of one plan may share it (they write disjoint shards), one per part.
-            locks.enter_context(output_lock(cfg.out_dir, option="--out", shared=cfg.part is not None))
-            if cfg.part is not None:
-                k, n = cfg.part
-                name = f".ssv2prep-part-{k}-of-{n}.lock"
-                locks.enter_context(output_lock(cfg.out_dir, option=f"--part {k}/{n} of --out", name=name))
-            return _shard_locked(cfg, ann, plans, settings, start, on_plan, on_shard)
+        with _staging(cfg) as staging:
+            return _shard_locked(cfg, ann, plans, settings, start, staging, on_plan, on_shard)
     except OSError as exc:
         if write_problem(exc) is None:
             raise
@@ -366,28 +434,46 @@ def _shard_locked(
     plans: dict[str, list[ShardSpec]],
     settings: dict[str, Any],
     start: float,
+    staging: Path,
     on_plan: Callable[[int, int, int], None] | None,
     on_shard: Callable[[ShardStats], None] | None,
 ) -> ShardRunResult:
-    work = cfg.out_dir / WORK_DIR
-    work.mkdir(parents=True, exist_ok=True)
-    _check_settings(work, settings)
+    out = cfg.out_dir
+    work = storage.join(out, WORK_DIR)
+    work_names = storage.list_sizes(work)
+    known = _check_settings(out, work_names, settings)
     selected = [spec for specs in plans.values() for spec in select_part(specs, cfg.part)]
-    _remove_stale_temps(cfg.out_dir, selected if cfg.part is not None else None)
-    todo = [spec for spec in selected if _load_done(work, cfg.out_dir, spec) is None]
+    _remove_stale_temps(staging, selected if cfg.part is not None else None)
+    if cfg.remote:
+        # The staging folder is this run's alone (locked, or a fresh temp folder): a tar staged there by a killed
+        # run is either uploaded already or written again below.
+        for spec in selected:
+            (staging / spec.name).unlink(missing_ok=True)
+    done = _done_records(out, selected, work_names)
+    todo = [spec for spec in selected if spec.name not in done]
+    _check_videos_exist(cfg, plans, todo)
+    if not known:
+        storage.write_bytes(storage.join(work, "settings.json"), json_bytes(settings))
+    for name in storage.abort_uploads(out, {spec.name for spec in todo}):
+        log.info("aborted the unfinished upload of %s left by an interrupted run", name)
     if on_plan:
         on_plan(len(todo), sum(len(s.records) for s in todo), len(selected) - len(todo))
 
     def record(stats: ShardStats) -> None:
-        atomic_write_json(work / f"{stats.name}.json", stats.to_json(), indent=None)
+        if cfg.remote:
+            # tar first, record last: a record in the store means its tar object is whole
+            storage.upload(staging / stats.name, storage.join(out, stats.name))
+        storage.write_bytes(storage.join(work, f"{stats.name}.json"), json_bytes(stats.to_json(), indent=None))
+        if cfg.remote:
+            (staging / stats.name).unlink(missing_ok=True)
         if on_shard:
             on_shard(stats)
 
-    job = ShardJob(cfg.videos_dir, cfg.out_dir, cfg.writer, cfg.on_error)
+    job = ShardJob(cfg.videos_dir or Path(), staging, cfg.writer, cfg.on_error)
     try:
         written = _run_pool(todo, job, cfg.workers or cpu_count(), record)
     except BaseException:
-        _remove_unrecorded(work, cfg.out_dir, todo)
+        _remove_unrecorded(work, staging, todo, remote=cfg.remote)
         raise
     summaries, incomplete = _finalize(cfg, ann, plans, settings, time.perf_counter() - start)
     result = ShardRunResult(written, len(selected) - len(todo), summaries, incomplete, time.perf_counter() - start)

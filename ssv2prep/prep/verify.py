@@ -7,6 +7,10 @@ decode (or one video member); sample counts equal `nsamples`; the manifest holds
 least one sample. Names read from an index (shard urls, the class list, the split) must be plain file names in the
 folder: a `../` or absolute one is a problem, never opened. A split with shards, a manifest or work records but no
 index (an unfinished `--part` run, a deleted index) is a problem too, so that a partial folder never passes.
+
+The folder may be an object-store prefix (`s3://bucket/prefix`): everything is read through `ssv2prep.storage`,
+shards as streams (never a whole shard in memory). Shards are checked in a process pool (`workers`); the report
+is assembled in index order afterwards, so it is the same whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -15,24 +19,30 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing
+import os
 import re
+import signal
 import tarfile
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from ssv2prep.errors import ShardError
-from ssv2prep.prep.index import read_classes, read_index, read_manifest
+from ssv2prep import storage
+from ssv2prep.errors import ConfigError, ShardError
+from ssv2prep.prep.index import WORK_DIR, read_classes, read_index, read_manifest
 from ssv2prep.prep.plan import DATASET_NAME
-from ssv2prep.prep.prepare import WORK_DIR
 
 log = logging.getLogger(__name__)
 
 MAX_PROBLEMS_PER_SHARD = 20
+READ_CHUNK_BYTES = 1 << 20
 _SPLIT_FILE_RE = re.compile(
     rf"^{DATASET_NAME}-(?P<split>.+?)(?:-\d{{6}}\.tar(?:\.json)?|\.manifest\.jsonl|\.stats\.json)$"
 )
@@ -61,11 +71,20 @@ class VerifyReport:
         return not self.problems
 
 
-def find_indexes(folder: Path) -> list[Path]:
-    """Every `ssv2-*.json` shard index in `folder` (manifests and stats excluded)."""
+def index_names(names: list[str]) -> list[str]:
+    """The shard-index names (`ssv2-*.json`, manifests and stats excluded) among file names, sorted."""
     return sorted(
-        p for p in folder.glob(f"{DATASET_NAME}-*.json") if not p.name.endswith((".stats.json", ".manifest.json"))
+        n
+        for n in names
+        if n.startswith(f"{DATASET_NAME}-")
+        and n.endswith(".json")
+        and not n.endswith((".stats.json", ".manifest.json"))
     )
+
+
+def find_indexes(folder: Path) -> list[Path]:
+    """Every `ssv2-*.json` shard index in a local `folder` (manifests and stats excluded)."""
+    return [folder / n for n in index_names(storage.list_names(folder))]
 
 
 def _group_samples(tar: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -107,79 +126,146 @@ def _check_sample(key: str, members: dict[str, bytes], fmt: str, decode: bool) -
                 try:
                     Image.open(io.BytesIO(members[name])).load()
                 except (OSError, SyntaxError) as exc:
-                    problems.append(f"sample {key}: frame {name} does not decode ({exc})")
+                    # PIL names the in-memory stream (with its address) when it cannot identify the bytes: the
+                    # report must not depend on which process read them
+                    why = "not an image PIL can identify" if isinstance(exc, UnidentifiedImageError) else exc
+                    problems.append(f"sample {key}: frame {name} does not decode ({why})")
                     break
     elif not any(s in members for s in ("webm", "mp4")):
         problems.append(f"sample {key}: no video member")
     return problems, meta
 
 
-def _check_shard(path: Path, entry: dict[str, Any], fmt: str, decode: bool) -> tuple[list[str], dict[str, Any]]:
-    """Problems of one shard and the metadata of its samples by id."""
-    if not path.is_file():
-        return [f"{path.name}: missing"], {}
-    data = path.read_bytes()
-    problems = []
-    if entry.get("filesize") is not None and len(data) != entry["filesize"]:
-        problems.append(f"{path.name}: size {len(data)}, index says {entry['filesize']}")
-    if entry.get("md5sum") and hashlib.md5(data).hexdigest() != entry["md5sum"]:
-        problems.append(f"{path.name}: md5 differs from the index")
-    metas: dict[str, Any] = {}
+class _HashingReader:
+    """A read-only stream wrapper that MD5s and counts every byte read through it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self.md5 = hashlib.md5()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self.md5.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        """Read to the end (tar padding after the end-of-archive blocks still counts for the size and MD5)."""
+        while self.read(READ_CHUNK_BYTES):
+            pass
+
+
+@dataclass(frozen=True, slots=True)
+class ShardTask:
+    """One shard to check (picklable: it crosses to the worker processes)."""
+
+    url: str
+    entry: dict[str, Any]
+    fmt: str
+    decode: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ShardCheck:
+    """What checking one shard found: problems, and `(label, num_frames)` per sample id in shard order."""
+
+    problems: list[str]
+    samples: dict[str, tuple[Any, Any]]
+
+
+def check_shard(task: ShardTask) -> ShardCheck:
+    """Stream one shard (local file or object) and check its size, MD5, samples and count against its entry."""
+    name, entry = storage.basename(task.url), task.entry
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for key, members in _group_samples(tar):
-                sample_problems, meta = _check_sample(key, members, fmt, decode)
-                problems += [f"{path.name}: {p}" for p in sample_problems]
-                if key in metas:
-                    problems.append(f"{path.name}: sample {key} appears twice")
-                metas[key] = meta
-    except tarfile.TarError as exc:
-        return [*problems, f"{path.name}: not a readable tar ({exc})"], metas
-    if len(metas) != entry["nsamples"]:
-        problems.append(f"{path.name}: {len(metas)} samples, index says {entry['nsamples']}")
-    return problems[:MAX_PROBLEMS_PER_SHARD], metas
+        fh = storage.open_read(task.url)
+    except (storage.StorageError, OSError) as exc:
+        gone = isinstance(exc, IsADirectoryError) or str(exc).endswith(": not found")
+        return ShardCheck([f"{name}: missing" if gone else f"{name}: cannot be read ({exc})"], {})
+    sample_problems: list[str] = []
+    samples: dict[str, tuple[Any, Any]] = {}
+    tar_error = None
+    with fh:
+        reader = _HashingReader(fh)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|", bufsize=READ_CHUNK_BYTES) as tar:  # type: ignore[call-overload]
+                for key, members in _group_samples(tar):
+                    problems, meta = _check_sample(key, members, task.fmt, task.decode)
+                    sample_problems += [f"{name}: {p}" for p in problems]
+                    if key in samples:
+                        sample_problems.append(f"{name}: sample {key} appears twice")
+                    samples[key] = (meta.get("label"), meta.get("num_frames"))
+        except tarfile.TarError as exc:
+            tar_error = f"{name}: not a readable tar ({exc})"
+        try:
+            reader.drain()
+        except (OSError, storage.StorageError) as exc:
+            tar_error = tar_error or f"{name}: cannot read to the end ({exc})"
+    problems = []
+    if entry.get("filesize") is not None and reader.size != entry["filesize"]:
+        problems.append(f"{name}: size {reader.size}, index says {entry['filesize']}")
+    if entry.get("md5sum") and reader.md5.hexdigest() != entry["md5sum"]:
+        problems.append(f"{name}: md5 differs from the index")
+    problems += sample_problems
+    if tar_error is not None:
+        return ShardCheck([*problems, tar_error], samples)
+    if len(samples) != entry["nsamples"]:
+        problems.append(f"{name}: {len(samples)} samples, index says {entry['nsamples']}")
+    return ShardCheck(problems[:MAX_PROBLEMS_PER_SHARD], samples)
 
 
-def _check_manifest(index_file: Path, index: dict[str, Any], seen: dict[str, tuple[str, Any]]) -> list[str]:
+def _check_manifest(
+    folder: str, names: set[str], index: dict[str, Any], seen: dict[str, tuple[str, tuple[Any, Any]]]
+) -> list[str]:
     split = index["split"]
-    path = index_file.parent / f"{DATASET_NAME}-{split}.manifest.jsonl"
-    if not path.is_file():
-        return [f"{path.name}: missing"]
-    lines = read_manifest(path)
+    manifest = f"{DATASET_NAME}-{split}.manifest.jsonl"
+    if manifest not in names:
+        return [f"{manifest}: missing"]
+    lines = read_manifest(storage.join(folder, manifest))
     problems = []
     counts = Counter(line["id"] for line in lines)
     dupes = [k for k, n in counts.items() if n > 1]
     if dupes:
-        problems.append(f"{path.name}: ids listed more than once: {dupes[:10]}")
+        problems.append(f"{manifest}: ids listed more than once: {dupes[:10]}")
     ok = [line for line in lines if line["status"] == "ok"]
     if len(ok) != index["num_samples"] or len(ok) != sum(e["nsamples"] for e in index["shardlist"]):
-        problems.append(f"{path.name}: {len(ok)} ok entries but the index holds {index['num_samples']} samples")
+        problems.append(f"{manifest}: {len(ok)} ok entries but the index holds {index['num_samples']} samples")
     for line in ok:
         where = seen.get(line["id"])
         if where is None or where[0] != line["shard"]:
-            problems.append(f"{path.name}: ok entry {line['id']} is not in shard {line['shard']}")
-        elif where[1].get("label") != line["label"] or where[1].get("num_frames") != line["num_frames"]:
-            problems.append(f"{path.name}: entry {line['id']} disagrees with its sample (label or num_frames)")
+            problems.append(f"{manifest}: ok entry {line['id']} is not in shard {line['shard']}")
+        elif where[1] != (line["label"], line["num_frames"]):
+            problems.append(f"{manifest}: entry {line['id']} disagrees with its sample (label or num_frames)")
     if set(seen) - {line["id"] for line in ok}:
-        problems.append(f"{path.name}: shards hold samples the manifest does not list as ok")
-    stats_file = index_file.parent / f"{DATASET_NAME}-{split}.stats.json"
-    if stats_file.is_file():
-        stats = json.loads(stats_file.read_text(encoding="utf-8"))
+        problems.append(f"{manifest}: shards hold samples the manifest does not list as ok")
+    stats_name = f"{DATASET_NAME}-{split}.stats.json"
+    if stats_name in names:
+        stats = json.loads(storage.read_bytes(storage.join(folder, stats_name)))
         status = Counter(line["status"] for line in lines)
         if [stats.get(k) for k in ("ok", "failed", "missing")] != [status[k] for k in ("ok", "failed", "missing")]:
-            problems.append(f"{stats_file.name}: counts differ from the manifest")
+            problems.append(f"{stats_name}: counts differ from the manifest")
     return problems[:MAX_PROBLEMS_PER_SHARD]
 
 
-def verify_split(
-    index_file: Path, report: VerifyReport, *, decode: bool = True, on_shard: Callable[[str], None] | None = None
-) -> None:
-    """Check one split's shards and files, adding what is wrong to `report`."""
+@dataclass(slots=True)
+class _Split:
+    """One index, read and checked up to its shards: what it names and the problems found so far."""
+
+    index_name: str
+    index: dict[str, Any] | None = None
+    classes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _open_split(folder: str, names: set[str], index_name: str) -> _Split:
+    """Read an index and its class list; `index` stays None when its shards must not (or cannot) be read."""
+    split = _Split(index_name)
+    index_url = storage.join(folder, index_name)
     try:
-        index = read_index(index_file)
+        index = read_index(index_url)
     except ShardError as exc:
-        report.problems.append(str(exc))
-        return
+        split.problems.append(str(exc))
+        return split
     unsafe = [
         f"{key} {value!r}"
         for key, value in [("split", index.get("split")), ("classes", index.get("classes", "classes.json"))]
@@ -187,48 +273,131 @@ def verify_split(
         if _plain_name(value) is None
     ]
     if unsafe:
-        report.problems.append(
-            f"{index_file.name}: names a file outside {index_file.parent} ({', '.join(unsafe[:5])}); refusing to "
+        split.problems.append(
+            f"{index_name}: names a file outside {folder} ({', '.join(unsafe[:5])}); refusing to "
             "read it: an index may only name files beside it"
         )
-        return
+        return split
     try:
-        classes = read_classes(index_file, index)
+        split.classes = read_classes(index_url, index)
     except ShardError as exc:
-        report.problems.append(str(exc))
+        split.problems.append(str(exc))
+        return split
+    classes_file = str(index.get("classes", "classes.json"))
+    if "class_names" in index and classes_file in names:
+        try:
+            beside = read_classes(index_url, {"classes": classes_file})
+        except ShardError as exc:
+            beside = None
+            split.problems.append(str(exc))
+        if beside is not None and beside != split.classes:
+            split.problems.append(f"{index_name}: class_names differ from {classes_file} beside it")
+    if index.get("num_classes") != len(split.classes):
+        split.problems.append(f"{index_name}: num_classes {index.get('num_classes')} but {len(split.classes)} classes")
+    split.index = index
+    return split
+
+
+def _close_split(folder: str, names: set[str], split: _Split, checks: list[ShardCheck], report: VerifyReport) -> None:
+    """Add one split's problems and counts to `report`, in index order."""
+    report.problems += split.problems
+    index = split.index
+    if index is None:
         return
-    if index.get("num_classes") != len(classes):
-        report.problems.append(f"{index_file.name}: num_classes {index.get('num_classes')} but {len(classes)} classes")
-    seen: dict[str, tuple[str, Any]] = {}
-    for entry in index["shardlist"]:
-        problems, metas = _check_shard(index_file.parent / entry["url"], entry, index.get("format", "frames"), decode)
-        report.problems += problems
-        for key, meta in metas.items():
+    seen: dict[str, tuple[str, tuple[Any, Any]]] = {}
+    for entry, check in zip(index["shardlist"], checks, strict=True):
+        report.problems += check.problems
+        for key, meta in check.samples.items():
             if key in seen:
                 report.problems.append(f"sample {key} is in both {seen[key][0]} and {entry['url']}")
             seen[key] = (entry["url"], meta)
-            label = meta.get("label")
-            if label is not None and not 0 <= label < len(classes):
-                report.problems.append(f"{entry['url']}: sample {key} has label {label} outside 0..{len(classes) - 1}")
+            label = meta[0]
+            if label is not None and not 0 <= label < len(split.classes):
+                report.problems.append(
+                    f"{entry['url']}: sample {key} has label {label} outside 0..{len(split.classes) - 1}"
+                )
         report.shards += 1
-        report.frames += sum(m.get("num_frames") or 0 for m in metas.values())
-        if on_shard:
-            on_shard(entry["url"])
+        report.frames += sum(m[1] or 0 for m in check.samples.values())
     report.samples += len(seen)
     report.splits[index["split"]] = len(seen)
     if not seen and index["shardlist"]:
-        report.problems.append(f"{index_file.name}: split {index['split']} holds no samples at all")
-    report.problems += _check_manifest(index_file, index, seen)
+        report.problems.append(f"{split.index_name}: split {index['split']} holds no samples at all")
+    report.problems += _check_manifest(folder, names, index, seen)
+
+
+def _worker_init() -> None:
+    # Ctrl-C is the parent's to handle (it stops the pool); a worker taking it would print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """`fork` while this process runs no other thread (workers start at once, modules already imported), else
+    `forkserver`: forking a process with threads (an object store's IO loop, a progress bar) can copy a lock held
+    mid-use into a child that then waits on it forever."""
+    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # imported once in the fork server, not once per worker
+    return ctx
+
+
+def _run_checks(tasks: list[ShardTask], workers: int, on_shard: Callable[[str], None] | None) -> list[ShardCheck]:
+    """`check_shard` over `tasks`, in a process pool when `workers` > 1; results in task order."""
+    results: list[ShardCheck | None] = [None] * len(tasks)
+    if workers <= 1 or len(tasks) <= 1:
+        for i, task in enumerate(tasks):
+            results[i] = check_shard(task)
+            if on_shard:
+                on_shard(storage.basename(task.url))
+    else:
+        ctx = _pool_context()
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx, initializer=_worker_init)
+        try:
+            futures = {pool.submit(check_shard, task): i for i, task in enumerate(tasks)}
+            for fut in as_completed(futures):
+                results[futures[fut]] = fut.result()
+                if on_shard:
+                    on_shard(storage.basename(tasks[futures[fut]].url))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    return [r for r in results if r is not None]
 
 
 def verify_folder(
-    folder: str | Path, *, decode: bool = True, on_shard: Callable[[str], None] | None = None
+    folder: str | Path,
+    *,
+    decode: bool = True,
+    on_shard: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> VerifyReport:
-    """Verify every split whose index is in `folder`; raise ShardError when there is no index at all."""
-    root = Path(folder)
-    indexes = find_indexes(root)
+    """Verify every split whose index is in `folder` (a local folder or an object-store prefix).
+
+    Args:
+        folder: where the indexes are.
+        decode: decode every JPEG (else sizes, MD5s, counts and metadata only).
+        on_shard: called with each shard's name once it is checked (in completion order).
+        workers: processes checking shards at once (0 = one per core); the report does not depend on it.
+
+    Raises:
+        ShardError: the folder holds no index at all.
+        ConfigError: `workers` < 0, or an unknown URL scheme.
+        StorageError: the folder cannot be listed.
+    """
+    if workers < 0:
+        raise ConfigError(f"--workers must be >= 0 (got {workers})")
+    root = os.fspath(folder)
+    names = storage.list_names(root)
+    work_names = storage.list_names(storage.join(root, WORK_DIR))
+    indexes = index_names(names)
+    waiting = unindexed_splits(names, work_names, indexes)
     if not indexes:
-        waiting = unindexed_splits(root, indexes)
         if waiting:
             raise ShardError(
                 f"{root}: no shard index (ssv2-<split>.json) found, but shards of {', '.join(sorted(waiting))}: "
@@ -236,36 +405,49 @@ def verify_folder(
             )
         raise ShardError(f"{root}: no shard index (ssv2-<split>.json) found")
     report = VerifyReport()
-    for split, tars in sorted(unindexed_splits(root, indexes).items()):
+    for split_name, tars in sorted(waiting.items()):
         report.problems.append(
-            f"split {split}: {tars} shards (or its manifest) but no index {DATASET_NAME}-{split}.json (unfinished "
-            "--part runs, or a deleted index); re-run shard without --part once all parts are done"
+            f"split {split_name}: {tars} shards (or its manifest) but no index {DATASET_NAME}-{split_name}.json "
+            "(unfinished --part runs, or a deleted index); re-run shard without --part once all parts are done"
         )
-    for index_file in indexes:
-        verify_split(index_file, report, decode=decode, on_shard=on_shard)
+    listed = set(names)
+    splits = [_open_split(root, listed, name) for name in indexes]
+    tasks = [
+        ShardTask(storage.join(root, e["url"]), e, split.index.get("format", "frames"), decode)
+        for split in splits
+        if split.index is not None
+        for e in split.index["shardlist"]
+    ]
+    checks = iter(_run_checks(tasks, workers or _cores(), on_shard))
+    for split in splits:
+        n = len(split.index["shardlist"]) if split.index is not None else 0
+        _close_split(root, listed, split, [next(checks) for _ in range(n)], report)
     return report
 
 
-def unindexed_splits(folder: Path, indexes: list[Path] | None = None) -> dict[str, int]:
-    """Splits with shards, a manifest, stats or shard work records in `folder` but no index: {split: shards}."""
-    indexed = {p.name.removeprefix(f"{DATASET_NAME}-").removesuffix(".json") for p in indexes or find_indexes(folder)}
+def unindexed_splits(names: list[str], work_names: list[str], indexes: list[str]) -> dict[str, int]:
+    """Splits with shards, a manifest, stats (among `names`) or shard work records (among `work_names`) but no
+    index among `indexes`: {split: shards}."""
+    indexed = {n.removeprefix(f"{DATASET_NAME}-").removesuffix(".json") for n in indexes}
     tars: Counter[str] = Counter()
-    for where in (folder, folder / WORK_DIR):
-        if not where.is_dir():
-            continue
-        for path in where.iterdir():
-            match = _SPLIT_FILE_RE.match(path.name)
-            if match and (where == folder or path.name.endswith(".tar.json")):
-                tars[match["split"]] += where == folder and path.name.endswith(".tar")
+    for name in names:
+        match = _SPLIT_FILE_RE.match(name)
+        if match:
+            tars[match["split"]] += name.endswith(".tar")
+    for name in work_names:
+        match = _SPLIT_FILE_RE.match(name)
+        if match and name.endswith(".tar.json"):
+            tars[match["split"]] += 0
     return {split: n for split, n in tars.items() if split not in indexed}
 
 
 def count_shards(folder: str | Path) -> int:
     """How many shards the indexes in `folder` list (for a progress bar)."""
+    root = os.fspath(folder)
     total = 0
-    for index_file in find_indexes(Path(folder)):
+    for name in index_names(storage.list_names(root)):
         try:
-            total += len(read_index(index_file)["shardlist"])
+            total += len(read_index(storage.join(root, name))["shardlist"])
         except ShardError:
             continue
     return total

@@ -99,3 +99,88 @@ def test_a_split_with_no_sample_is_a_problem(tiny_shards: Path, tmp_path: Path) 
     )
     report = verify_folder(shards, decode=False)
     assert "ssv2-validation.json: split validation holds no samples at all" in report.problems
+
+
+def corrupt_a_jpeg(shards: Path) -> str:
+    """Flip bytes inside the first JPEG member of a validation shard (its size stays, its MD5 changes)."""
+    import tarfile
+
+    name = "ssv2-validation-000001.tar"
+    path = shards / name
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    data = bytearray(path.read_bytes())
+    for i in range(member.offset_data + 200, member.offset_data + 260):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    return name
+
+
+def report_fields(report) -> tuple:
+    return report.problems, report.splits, report.shards, report.samples, report.frames
+
+
+def test_two_workers_report_exactly_what_one_does_on_good_and_corrupted_shards(tiny_shards: Path, tmp_path) -> None:
+    one, two = verify_folder(tiny_shards, workers=1), verify_folder(tiny_shards, workers=2)
+    assert one.ok and report_fields(one) == report_fields(two)
+    assert one.shards == 8 and one.samples == 20
+
+    shards = copy_shards(tiny_shards, tmp_path / "shards")
+    name = corrupt_a_jpeg(shards)
+    (shards / "ssv2-train-000002.tar").unlink()
+    bad_one, bad_two = verify_folder(shards, workers=1), verify_folder(shards, workers=2)
+    assert report_fields(bad_one) == report_fields(bad_two)
+    assert f"{name}: md5 differs from the index" in bad_one.problems
+    assert "ssv2-train-000002.tar: missing" in bad_one.problems
+
+
+def test_cli_verify_workers_keeps_the_one_line_report(tiny_shards: Path) -> None:
+    from click.testing import CliRunner
+
+    from ssv2prep.cli import main
+
+    lines = {w: CliRunner().invoke(main, ["verify", str(tiny_shards), "--workers", w]).output for w in ("1", "2")}
+    assert lines["1"] == lines["2"]
+    assert lines["1"].strip() == "verify: OK: 8 shards, 20 samples (test 4, train 12, validation 4), " + (
+        f"{sum(read_json(tiny_shards / f'ssv2-{s}.json')['num_frames'] for s in ('test', 'train', 'validation'))} "
+        "frames"
+    )
+
+
+def test_an_index_carries_its_class_names(tiny_shards: Path, tmp_path: Path) -> None:
+    from ssv2prep.prep.index import read_classes, read_index
+
+    shards = copy_shards(tiny_shards, tmp_path / "shards")
+    names = read_json(shards / "classes.json")
+    (shards / "classes.json").unlink()  # self-contained: the index alone is enough
+    index = read_index(shards / "ssv2-train.json")
+    assert index["class_names"] == names and index["classes"] == "classes.json"
+    assert read_classes(shards / "ssv2-train.json", index) == names
+    report = verify_folder(shards, decode=False)
+    assert report.ok, report.problems
+
+
+def test_an_index_without_class_names_reads_classes_json_beside_it_or_fails_naming_the_index(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    from ssv2prep.prep.index import read_classes, read_index
+
+    shards = copy_shards(tiny_shards, tmp_path / "shards")
+    for split in ("train", "validation", "test"):
+        edit_index(shards / f"ssv2-{split}.json", lambda ix: ix.pop("class_names"))
+    index_file = shards / "ssv2-train.json"
+    assert read_classes(index_file, read_index(index_file)) == read_json(shards / "classes.json")  # older indexes
+
+    (shards / "classes.json").unlink()
+    with pytest.raises(ShardError, match=rf"^{index_file}: the index carries no class_names and its class list "):
+        read_classes(index_file, read_index(index_file))
+    report = verify_folder(shards, decode=False)
+    assert not report.ok and report.splits == {}  # no split is checked against made-up names
+    assert len([p for p in report.problems if "carries no class_names" in p]) == 3
+
+
+def test_class_names_that_disagree_with_classes_json_are_a_problem(tiny_shards: Path, tmp_path: Path) -> None:
+    shards = copy_shards(tiny_shards, tmp_path / "shards")
+    edit_index(shards / "ssv2-test.json", lambda ix: ix["class_names"].reverse())
+    report = verify_folder(shards, decode=False)
+    assert report.problems == ["ssv2-test.json: class_names differ from classes.json beside it"]
