@@ -72,6 +72,35 @@ def _train_sources(data: Path | None, train: str | None, val: str | None) -> tup
     return train, val
 
 
+def _cache_options(f: Any) -> Any:
+    """The shard cache options of train and eval (used only for streamed shards: s3://, gs://, http, pipe:)."""
+    options = [
+        click.option(
+            "--cache-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Keep verified local copies of streamed shards here: epoch 1 streams, later epochs read the disk.",
+        ),
+        click.option("--cache-size", default="100G", show_default=True, help="Bound of --cache-dir (LRU eviction)."),
+        click.option(
+            "--cache-verify",
+            type=click.Choice(["md5", "size"]),
+            default="md5",
+            show_default=True,
+            help="How a cached copy is checked against the index before use.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _cache_fields(cache_dir: Path | None, cache_size: str, cache_verify: str) -> dict[str, Any]:
+    from ssv2prep.data.cache import parse_size
+
+    return {"cache_dir": cache_dir, "cache_size_bytes": parse_size(cache_size), "cache_verify": cache_verify}
+
+
 def _is_main_process() -> bool:
 
     return os.environ.get("RANK", "0") == "0"
@@ -97,6 +126,7 @@ def _is_main_process() -> bool:
 @click.option("--dense", is_flag=True, help="Dense sampling (64-frame window) instead of segments.")
 @click.option("--flip", is_flag=True, help="Horizontal flip with the label swap of the index's flip_pairs.")
 @click.option("--gpu-decode", is_flag=True, help="Decode JPEGs on the GPU (nvjpeg via torchvision); CUDA only.")
+@_cache_options
 @click.option("--epochs", type=int, default=50, show_default=True)
 @click.option("--lr", type=float, default=0.01, show_default=True, help="Per 64 clips of total batch.")
 @click.option("--no-lr-scaling", is_flag=True, help="Use --lr as is instead of scaling it by total batch / 64.")
@@ -171,6 +201,7 @@ def _train_config(opts: dict[str, Any]) -> Any:
         gpu_decode=opts["gpu_decode"],
         batch_size=opts["batch_size"],
         num_workers=workers,
+        **_cache_fields(opts["cache_dir"], opts["cache_size"], opts["cache_verify"]),
     )
     optim = OptimConfig(
         epochs=opts["epochs"],
@@ -350,6 +381,7 @@ def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, in
     help="Write per-video top-5 class indices (id;c1;c2;c3;c4;c5) for submission.",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@_cache_options
 def eval_cmd(
     checkpoint: Path,
     data_spec: str,
@@ -368,6 +400,9 @@ def eval_cmd(
     out_dir: Path | None,
     predictions: Path | None,
     device: str,
+    cache_dir: Path | None,
+    cache_size: str,
+    cache_verify: str,
 ) -> None:
     """Evaluate a checkpoint on a held-out split: top-1/top-5, per-class, confusion, seconds per video.
 
@@ -398,6 +433,7 @@ def eval_cmd(
         out=out_dir or checkpoint.parent / f"eval-{split}",
         predictions=predictions,
         device=device,
+        **_cache_fields(cache_dir, cache_size, cache_verify),
     )
     with progress_bars() as progress:
         task = progress.add_task("evaluating", total=None, rate="")

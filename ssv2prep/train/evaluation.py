@@ -51,6 +51,9 @@ class EvalConfig:
     predictions: Path | None = None
     device: str = "auto"
     amp: str = "auto"
+    cache_dir: Path | None = None  # local copies of streamed shards (see ssv2prep.data.cache)
+    cache_size_bytes: int = 100 << 30
+    cache_verify: str = "md5"
 
     def validate(self) -> None:
         """Raise ConfigError on a bad value."""
@@ -108,6 +111,9 @@ def _data_config(cfg: EvalConfig, model_cfg: Any) -> Any:
         dense=cfg.dense,
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
+        cache_dir=cfg.cache_dir,
+        cache_size_bytes=cfg.cache_size_bytes,
+        cache_verify=cfg.cache_verify,
     )
 
 
@@ -136,10 +142,18 @@ def _one_setting(
     return evaluate(model, loader, ctx=ctx, on_batch=on_batch)
 
 
-def _classes(source: Any, from_ckpt: list[str] | None, num_classes: int) -> list[str]:
+def _classes(source: Any, from_ckpt: list[str] | None, num_classes: int, spec: str) -> list[str]:
+    where = source.index_url or spec
+    if source.num_classes is not None and source.num_classes != num_classes:
+        raise ConfigError(
+            f"{where}: the index has {source.num_classes} classes but the checkpoint predicts {num_classes}"
+        )
     classes = list(source.classes) if source.classes else from_ckpt
-    if classes is None:
-        classes = [str(i) for i in range(num_classes)]
+    if classes is None:  # never made-up names: the per-class report would attach them to the wrong videos
+        raise ConfigError(
+            f"{where}: no class names: the index carries none (no class_names in it, no class list beside it) and "
+            "the checkpoint has none; keep classes.json beside the index"
+        )
     if len(classes) != num_classes:
         raise ConfigError(f"the data has {len(classes)} classes but the checkpoint predicts {num_classes}")
     if from_ckpt is not None and source.classes and list(source.classes) != from_ckpt:
@@ -227,7 +241,7 @@ def evaluate_checkpoint(cfg: EvalConfig, *, on_batch: Callable[[int], None] | No
     try:
         model, model_cfg, ckpt_classes = load_for_eval(cfg.checkpoint, cfg.segments)
         source = resolve_source(cfg.data, index=cfg.index)
-        classes = _classes(source, ckpt_classes, model_cfg.num_classes)
+        classes = _classes(source, ckpt_classes, model_cfg.num_classes, cfg.data)
         return _evaluate_all(cfg, info, model.to(info.device), model_cfg, source, classes, on_batch)
     finally:
         teardown(info)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ssv2prep.errors import CheckpointError
+from ssv2prep.errors import CheckpointError, ConfigError
 from ssv2prep.fsutil import atomic_write_json, make_temp
 from ssv2prep.train.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ssv2prep.train.config import TrainConfig
@@ -78,11 +78,41 @@ def build_loaders(cfg: TrainConfig, info: DistInfo) -> tuple[Any, Any, Any]:
 
     source = resolve_source(cfg.train, index=cfg.train_index)
     train = build_train_loader(source, cfg.data, rank=info.rank, world_size=info.world_size, seed=cfg.runtime.seed)
+    train_classes(source, cfg.train)
     val = None
     if cfg.val:
         val_source = resolve_source(cfg.val, index=cfg.val_index)
+        check_val_classes(source, val_source, cfg.val)
         val = build_eval_loader(val_source, cfg.data, rank=info.rank, world_size=info.world_size)
     return train, val, source
+
+
+def train_classes(source: Any, spec: str) -> list[str]:
+    """The train index's class names, one head output each; a `ConfigError` naming the index when it has none
+    (names are never made up: a head of the wrong size would train, and its labels would mean nothing)."""
+    if not source.classes:
+        raise ConfigError(
+            f"{source.index_url or spec}: the index does not carry its classes (no class_names in it and no class "
+            "list beside it): keep classes.json beside the index, or re-shard with this version"
+        )
+    return list(source.classes)
+
+
+def check_val_classes(train: Any, val: Any, spec: str) -> None:
+    """Validation labels are indices into the train head: refuse a validation index of other classes (before
+    the first step rather than after an epoch)."""
+    where = val.index_url or spec
+    if val.num_classes is not None and val.num_classes != train.num_classes:
+        raise ConfigError(
+            f"--val {where}: {val.num_classes} classes, but the train index {train.index_url} has "
+            f"{train.num_classes} (the size of the head); give the validation index of the same shard folder"
+        )
+    if val.classes and train.classes and tuple(val.classes) != tuple(train.classes):
+        first = next(i for i, (a, b) in enumerate(zip(val.classes, train.classes, strict=True)) if a != b)
+        raise ConfigError(
+            f"--val {where}: class {first} is {val.classes[first]!r} there but {train.classes[first]!r} in the train "
+            f"index {train.index_url}; give the validation index of the same shard folder"
+        )
 
 
 def build_model(cfg: TrainConfig, classes: list[str] | None, info: DistInfo) -> nn.Module:
@@ -244,7 +274,7 @@ def fit(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] | N
 def _fit(cfg: TrainConfig, info: DistInfo, emit: Callable[[str, dict[str, Any]], None]) -> FitResult:
     _seed_everything(cfg.runtime.seed)
     train_loader, val_loader, source = build_loaders(cfg, info)
-    classes = list(source.classes) if source.classes else [str(i) for i in range(cfg.model.num_classes)]
+    classes = train_classes(source, cfg.train)
     model = build_model(cfg, classes, info)
     optimizer, base_lr = build_optimizer(cfg, model, info)
     dtype = amp_dtype(cfg.runtime.amp, info.device)
