@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from ssv2prep.prep.prepare import ShardConfig, shard_dataset
 from ssv2prep.prep.shard import WriterSettings
@@ -53,3 +58,16 @@ def folder_bytes(folder: Path, pattern: str = "ssv2-*") -> dict[str, bytes]:
 def read_json(path: Path) -> object:
     """Parse a JSON file."""
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str, *, read_only: bool = False) -> Iterator[Path]:
+    """A real tmpfs of `size` mounted at `path` (needs root; the test is skipped without)."""
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)

@@ -90,9 +90,26 @@ class _Group(click.Group):
             sys.exit(1)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A plain handler on whatever `sys.stderr` is at the time of each record (as the rich console does)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 0 else logging.INFO
-    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    if not console.is_terminal:  # batch jobs (Slurm, `2> log`): one plain, greppable line per record, never wrapped
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) != "0":
+        handler.setLevel(logging.WARNING)  # under torchrun / srun only rank 0 says more than warnings
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     # Library modules log at INFO; third-party chatter stays at WARNING.
     for noisy in ("urllib3", "PIL", "matplotlib", "libav"):

@@ -177,3 +177,72 @@ def bench_shift(
         )
     out.print(format_table(result), markup=False)
     emit_json(json_path, result)
+
+
+@bench.command("train")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True, help="Where to train.")
+@click.option("--steps", type=int, default=20, show_default=True, help="Training steps per variant.")
+@click.option("--backbone", default=None, help="Default: resnet50 on CUDA, resnet18 on CPU.")
+@click.option("--segments", type=int, default=None, help="Frames per clip (default: 8 on CUDA, 2 on CPU).")
+@click.option("--crop", type=int, default=None, help="Crop size in pixels (default: 224 on CUDA, 32 on CPU).")
+@click.option("--batch-size", type=int, default=None, help="Clips per step (default: 16 on CUDA, 4 on CPU).")
+@click.option("--workers", type=int, default=None, help="Loader workers (default: from the machine on CUDA, 1 on CPU).")
+@click.option(
+    "--lr", type=float, default=None, help="Learning rate, not scaled by batch (default: 0.01 CUDA, 0.003 CPU)."
+)
+@click.option("--compile/--no-compile", "use_compile", default=True, show_default=True, help="Run the compile rows.")
+@click.option("--ddp/--no-ddp", default=None, help="The 2-process torchrun row (default: with 2+ GPUs).")
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the generated shards and runs under this folder (default: a temp folder, removed afterwards).",
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def bench_train(
+    device: str,
+    steps: int,
+    backbone: str | None,
+    segments: int | None,
+    crop: int | None,
+    batch_size: int | None,
+    workers: int | None,
+    lr: float | None,
+    use_compile: bool,
+    ddp: bool | None,
+    work_dir: Path | None,
+    json_path: Path | None,
+) -> None:
+    """The GPU check: short training runs per precision / compile / channels_last / GPU-decode variant on generated
+    shards, with finite and falling losses, clips/s, data-wait share, host syncs and CPU-vs-device eval parity.
+    Exits 1 when a row fails; 0 with one "skipped: no CUDA" line when --device cuda has no CUDA.
+
+    \b
+    Examples:
+      ssv2prep bench train --device cuda --json gpu-check.json
+      ssv2prep bench train --device cpu --steps 6
+    """
+    from ssv2prep.bench.train import TrainBenchConfig, format_train_bench, run_train_bench
+
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    cfg = TrainBenchConfig(
+        device=device,
+        steps=steps,
+        backbone=backbone,
+        segments=segments,
+        crop=crop,
+        batch_size=batch_size,
+        workers=workers,
+        lr=lr,
+        compile=use_compile,
+        ddp=ddp,
+        work_dir=work_dir,
+    )
+    log = logging.getLogger("ssv2prep.bench")
+    with console.status("bench train ...") as status:
+        result = run_train_bench(cfg, on_progress=lambda msg: (log.info(msg), status.update(msg)))
+    out.print(format_train_bench(result), markup=False)
+    emit_json(json_path, result)
+    if result.get("status") == "FAIL":
+        raise SystemExit(1)

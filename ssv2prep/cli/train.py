@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +140,13 @@ def _is_main_process() -> bool:
 @click.option("--clip-grad", type=float, default=20.0, show_default=True, help="Global grad-norm clip (0 = off).")
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True)
 @click.option("--eval-every", type=int, default=1, show_default=True, help="Evaluate every N epochs (and at the end).")
-@click.option("--log-every", type=int, default=10, show_default=True, help="Steps between metrics.jsonl lines.")
+@click.option(
+    "--log-every",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Steps between metrics.jsonl lines (and progress lines off a terminal, or every 60 s).",
+)
 @click.option(
     "--checkpoint-every",
     type=int,
@@ -152,6 +160,25 @@ def _is_main_process() -> bool:
 @click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--channels-last/--no-channels-last", default=None, help="Default: on for CUDA.")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
+@click.option(
+    "--allow-changes",
+    is_flag=True,
+    help="Resume with other options (--lr, --dropout, ...) than the run folder was trained with; config.json "
+    "records what changed (without it such a resume is refused).",
+)
+@click.option(
+    "--dist-timeout",
+    type=float,
+    default=900.0,
+    show_default=True,
+    help="Seconds a rank waits for the others before the job fails (a rank died or hangs).",
+)
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write progress and log records as JSON lines here (rank 0), for machines.",
+)
 def train(**opts: Any) -> None:
     """Train a TSM (or TSN) from shards; resumes when the run folder already has last.pt.
 
@@ -165,8 +192,14 @@ def train(**opts: Any) -> None:
     cfg = _train_config(opts)
     from ssv2prep.train.run import fit
 
-    with _TrainProgress(enabled=_is_main_process()) as progress:
-        result = fit(cfg, on_event=progress.event)
+    json_log = _open_log_file(opts["log_file"])
+    try:
+        with _TrainProgress(enabled=_is_main_process(), every_steps=cfg.runtime.log_every, json=json_log) as progress:
+            result = fit(cfg, on_event=progress.event)
+    finally:
+        if json_log is not None:
+            logging.getLogger().removeHandler(json_log)
+            json_log.close()
     if _is_main_process():
         best = f"{result.best_top1:.2f}%" if result.best_top1 is not None else "n/a (no validation)"
         out.print(
@@ -224,6 +257,7 @@ def _train_config(opts: dict[str, Any]) -> Any:
         eval_every=opts["eval_every"],
         checkpoint_every=opts["checkpoint_every"],
         seed=opts["seed"],
+        dist_timeout_s=opts["dist_timeout"],
     )
     return TrainConfig(
         train=train_spec,
@@ -235,14 +269,54 @@ def _train_config(opts: dict[str, Any]) -> Any:
         data=data,
         optim=optim,
         runtime=runtime,
+        allow_changes=opts["allow_changes"],
     )
 
 
-class _TrainProgress:
-    """Rich progress for `fit` events: one bar per epoch with loss, top-1, lr, clips/s and data wait."""
+class _JsonLines(logging.Formatter):
+    """One JSON object per record: time, level, logger, message, and the record's `fields` (progress data)."""
 
-    def __init__(self, *, enabled: bool) -> None:
-        self.enabled = enabled and console.is_terminal
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        from datetime import UTC, datetime
+
+        data = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        return json.dumps(data | getattr(record, "fields", {}))
+
+
+def _open_log_file(path: Path | None) -> logging.Handler | None:
+    """A JSON-lines handler on the root logger for `--log-file` (rank 0 only: ranks may share the folder)."""
+    if path is None or not _is_main_process():
+        return None
+    from ssv2prep.errors import ConfigError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--log-file {path}: cannot open it ({exc.strerror or exc})") from exc
+    handler.setFormatter(_JsonLines())
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+class _TrainProgress:
+    """Progress for `fit` events. On a terminal: one rich bar per epoch. Off one (batch jobs): one plain log line
+    every `every_steps` steps or `every_s` seconds (epoch, step/steps, loss, lr, clips/s, data wait, ETA).
+    Step lines also go to the `--log-file` handler (`json`), also when the bar shows them."""
+
+    def __init__(
+        self, *, enabled: bool, every_steps: int = 10, every_s: float = 60.0, json: logging.Handler | None = None
+    ) -> None:
+        self.enabled = enabled
+        self.bar = enabled and console.is_terminal
+        self.every_steps, self.every_s, self.json = every_steps, every_s, json
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -252,10 +326,11 @@ class _TrainProgress:
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=console,
-            disable=not self.enabled,
+            disable=not self.bar,
         )
         self.task: Any = None
-        self.steps = 0
+        self.steps = self.epochs = self.clips_per_step = 0
+        self.window = _Window()
         self.log = logging.getLogger("ssv2prep.train")
 
     def __enter__(self) -> _TrainProgress:
@@ -266,12 +341,14 @@ class _TrainProgress:
         self.progress.__exit__(*exc)
 
     def event(self, kind: str, data: dict[str, Any]) -> None:
-        if not _is_main_process():
+        if not self.enabled:
             return
         getattr(self, f"_on_{kind}")(data)
 
     def _on_start(self, d: dict[str, Any]) -> None:
-        self.steps = d["steps_per_epoch"]
+        self.steps, self.epochs = d["steps_per_epoch"], d["epochs"]
+        self.clips_per_step = d["batch_size"] * d["world_size"]
+        self.window.reset()
         self.log.info(
             "training on %s x %d (amp %s): %d clips per process, %d in total, base lr %.5f, "
             "%d steps per epoch, epochs %d..%d",
@@ -284,16 +361,36 @@ class _TrainProgress:
             self.steps,
             d["start_epoch"] + 1,
             d["epochs"],
+            extra={"fields": {"event": "start", **d}},
         )
 
     def _on_step(self, d: dict[str, Any]) -> None:
-        if self.task is None:
-            self.task = self.progress.add_task(f"epoch {d['epoch'] + 1}", total=self.steps, info="")
-        info = (
-            f"loss {d['loss']:.3f} top1 {d['top1']:.1f} lr {d['lr']:.2e} {d['clips_per_s']:.1f} clips/s "
-            f"data {100 * d['data_wait']:.0f}%"
+        if self.bar:
+            if self.task is None:
+                self.task = self.progress.add_task(f"epoch {d['epoch'] + 1}", total=self.steps, info="")
+            info = (
+                f"loss {d['loss']:.3f} top1 {d['top1']:.1f} lr {d['lr']:.2e} {d['clips_per_s']:.1f} clips/s "
+                f"data {100 * d['data_wait']:.0f}%"
+            )
+            self.progress.update(self.task, advance=1, info=info)
+        done = d["step"] - d["epoch"] * self.steps + 1  # steps of this epoch done (also when resumed mid-epoch)
+        self.window.add(d)
+        if done % self.every_steps and done != self.steps and self.window.seconds() < self.every_s:
+            return
+        fields = self.window.take(
+            d, done=done, steps=self.steps, epochs=self.epochs, clips_per_step=self.clips_per_step
         )
-        self.progress.update(self.task, advance=1, info=info)
+        text = (
+            f"epoch {fields['epoch']}/{self.epochs} step {done}/{self.steps} loss {fields['loss']:.4f} "
+            f"lr {fields['lr']:.3e} {fields['clips_per_s']:.1f} clips/s data {fields['data_wait_pct']:.0f}% "
+            f"eta {_hms(fields['eta_epoch_s'])} (run {_hms(fields['eta_run_s'])})"
+        )
+        if not self.bar:
+            self.log.info(text, extra={"fields": fields})
+        elif self.json is not None:  # the bar shows it on the terminal; machines still get the line
+            record = self.log.makeRecord(self.log.name, logging.INFO, __file__, 0, text, (), None)
+            record.fields = fields
+            self.json.handle(record)
 
     def _on_epoch(self, d: dict[str, Any]) -> None:
         if self.task is not None:
@@ -307,6 +404,7 @@ class _TrainProgress:
             d["top1"],
             100 * d["data_wait"],
             skipped,
+            extra={"fields": {"event": "epoch", **d}},
         )
 
     def _on_eval(self, d: dict[str, Any]) -> None:
@@ -317,10 +415,59 @@ class _TrainProgress:
             d["top5"],
             d["mean_class_accuracy"],
             d["videos"],
+            extra={"fields": {"event": "eval", **d}},
         )
 
 
+class _Window:
+    """Steps since the last progress line: their clips, data wait and time, for rates that are not one step's."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.monotonic()
+        self.wait = 0.0
+        self.n = 0
+
+    def add(self, d: dict[str, Any]) -> None:
+        self.wait += d["data_wait"]
+        self.n += 1
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+    def take(self, d: dict[str, Any], *, done: int, steps: int, epochs: int, clips_per_step: int) -> dict[str, Any]:
+        """The line's fields (clips/s over all ranks); starts a new window."""
+        per_step = self.seconds() / max(1, self.n)
+        left_epoch = steps - done
+        fields = {
+            "event": "step",
+            "epoch": d["epoch"] + 1,
+            "epoch_step": done,
+            "steps_per_epoch": steps,
+            "step": d["step"],
+            "loss": d["loss"],
+            "top1": d["top1"],
+            "lr": d["lr"],
+            "clips_per_s": clips_per_step / per_step if per_step > 0 else 0.0,
+            "data_wait_pct": 100 * self.wait / max(1, self.n),
+            "eta_epoch_s": left_epoch * per_step,
+            "eta_run_s": (left_epoch + (epochs - d["epoch"] - 1) * steps) * per_step,
+        }
+        self.reset()
+        return fields
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 # ----------------------------------------------------------------------------------------------------------- eval
+
+
+_SPLIT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, int], ...]:
@@ -381,6 +528,11 @@ def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, in
     help="Write per-video top-5 class indices (id;c1;c2;c3;c4;c5) for submission.",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option(
+    "--amp",
+    is_flag=True,
+    help="Autocast on CUDA (bf16 where supported, else fp16). Default: fp32, the official test's arithmetic.",
+)
 @_cache_options
 def eval_cmd(
     checkpoint: Path,
@@ -400,11 +552,15 @@ def eval_cmd(
     out_dir: Path | None,
     predictions: Path | None,
     device: str,
+    amp: bool,
     cache_dir: Path | None,
     cache_size: str,
     cache_verify: str,
 ) -> None:
     """Evaluate a checkpoint on a held-out split: top-1/top-5, per-class, confusion, seconds per video.
+
+    On a split without labels (the SSv2 test split) it writes the predictions only (to --predictions, else
+    predictions.csv in --out). The precision (fp32 unless --amp) is printed and recorded in report.json.
 
     \b
     Examples:
@@ -413,8 +569,11 @@ def eval_cmd(
       ssv2prep eval --checkpoint runs/r50/best.pt --data shards --grid 'crops=1,3,5,10;clips=1,2'
       torchrun --nproc-per-node 4 -m ssv2prep eval --checkpoint runs/r50/best.pt --data shards
     """
-    from ssv2prep.train.evaluation import EvalConfig, evaluate_checkpoint
+    from ssv2prep.errors import ConfigError
+    from ssv2prep.train.evaluation import EvalConfig, evaluate_checkpoint, predictions_file
 
+    if not _SPLIT_RE.fullmatch(split):  # it names files and the default --out folder: keep it a plain name
+        raise ConfigError(f"--split {split!r}: not a split name (letters, digits, '-' and '_' only)")
     spec = data_spec
     if Path(data_spec).is_dir():
         spec = str(Path(data_spec) / f"ssv2-{split}.json")
@@ -433,6 +592,7 @@ def eval_cmd(
         out=out_dir or checkpoint.parent / f"eval-{split}",
         predictions=predictions,
         device=device,
+        amp="auto" if amp else "off",
         **_cache_fields(cache_dir, cache_size, cache_verify),
     )
     with progress_bars() as progress:
@@ -441,12 +601,18 @@ def eval_cmd(
     if not _is_main_process():
         return
     for r in rows:
+        setting = f"eval: {r['crops']} crops x {r['clips']} clips, {r['segments']} frames, {r['precision']}"
+        if r["labelled"] == 0:
+            written = predictions_file(cfg, rows)
+            out.print(f"{setting}: {r['videos']} videos, no labels: wrote predictions only ({written})", markup=False)
+            continue
+        unlabelled = f" ({r['videos'] - r['labelled']} more have no label)" if r["labelled"] < r["videos"] else ""
         out.print(
-            f"eval: {r['crops']} crops x {r['clips']} clips, {r['segments']} frames: top-1 {r['top1']:.2f}%, "
-            f"top-5 {r['top5']:.2f}%, mean class {r['mean_class_accuracy']:.2f}% on {r['labelled']} videos, "
-            f"{r['seconds_per_video']:.3f} s/video"
+            f"{setting}: top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%, mean class {r['mean_class_accuracy']:.2f}% "
+            f"on {r['labelled']} videos{unlabelled}, {r['seconds_per_video']:.3f} s/video",
+            markup=False,
         )
-    out.print(f"reports in {cfg.out}")
+    out.print(f"reports in {cfg.out}", markup=False)
 
 
 # --------------------------------------------------------------------------------------------------------- export
@@ -461,9 +627,18 @@ def eval_cmd(
     default=None,
     help="Folder for the exported file (default: beside the checkpoint).",
 )
-@click.option("--dataset", default="somethingv2", show_default=True, help="Dataset name in the official file name.")
+@click.option(
+    "--dataset",
+    default="somethingv2",
+    show_default=True,
+    help="Dataset name in the official file name (letters, digits, '-'); the official test_models.py takes the "
+    "class count from it.",
+)
 def export(checkpoint: Path, out_dir: Path | None, dataset: str) -> None:
     """Export one of our checkpoints in the official TSM layout and file name (module.base_model..., new_fc).
+
+    Models the official code would run as another network are refused: unidirectional shifts, shift-div 1 (the
+    official 'shift1' moves all channels from t+1) and block-placed MobileNetV2.
 
     \b
     Example:
@@ -482,7 +657,7 @@ def export(checkpoint: Path, out_dir: Path | None, dataset: str) -> None:
         epochs=int(ckpt["epoch"]),
         best_prec1=max(0.0, float(ckpt["best_top1"])),
     )
-    out.print(f"export: {path}")
+    out.print(f"export: {path}", markup=False)
 
 
 # -------------------------------------------------------------------------------------------------------- predict
@@ -503,6 +678,8 @@ def export(checkpoint: Path, out_dir: Path | None, dataset: str) -> None:
 @click.option("--scale-size", type=int, default=None, help="Resize short side (default: as trained).")
 @click.option("--crop-size", type=int, default=None, help="Crop size (default: as trained).")
 @click.option("--online", is_flag=True, help="Frame by frame with a unidirectional model; print as it evolves.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--amp", is_flag=True, help="Autocast on CUDA (not with --online). Default: fp32, as eval.")
 def predict(
     checkpoint: Path,
     videos: tuple[Path, ...],
@@ -512,8 +689,13 @@ def predict(
     scale_size: int | None,
     crop_size: int | None,
     online: bool,
+    device: str,
+    amp: bool,
 ) -> None:
     """Classify webm/mp4 files directly and print the top-5 classes with probabilities.
+
+    A file that cannot be decoded is reported (one 'error:' line naming it) and the others are still classified;
+    the exit status is then non-zero.
 
     \b
     Examples:
@@ -521,29 +703,72 @@ def predict(
       ssv2prep predict TSM_somethingv2_RGB_resnet50_shift8_blockres_avg_segment8_e45.pth a.webm --classes labels.json
       ssv2prep predict runs/online/best.pt a.webm --online
     """
-    from ssv2prep.train.predict import predict_online, predict_videos
+    from ssv2prep.errors import ConfigError
+    from ssv2prep.train.predict import Prediction, predict_online, predict_videos
 
-    if online:
-        for video in videos:
-            out.print(f"{video} (online):")
+    if online and amp:
+        raise ConfigError("--amp does not apply to --online (the frame caches stay fp32)")
+    failed = 0
 
-            def show(i: int, top: list[tuple[str, float]]) -> None:
-                out.print(f"  frame {i + 1:4d}: {top[0][0]} ({100 * top[0][1]:.1f}%)", markup=False)
-
-            predict_online(
-                checkpoint, video, classes_file=classes_file, scale_size=scale_size, crop_size=crop_size, on_frame=show
-            )
-        return
-    predictions = predict_videos(
-        checkpoint,
-        list(videos),
-        classes_file=classes_file,
-        crops=int(crops),
-        clips=int(clips),
-        scale_size=scale_size,
-        crop_size=crop_size,
-    )
-    for p in predictions:
+    def show(p: Prediction) -> None:
+        nonlocal failed
+        if p.error is not None:
+            failed += 1
+            click.echo(f"error: {p.error}", err=True)
+            return
         out.print(f"{p.video}:", markup=False)
         for rank, (name, prob) in enumerate(p.top5, 1):
             out.print(f"  {rank}. {name}  {100 * prob:.1f}%", markup=False)
+
+    if online:
+        failed = _predict_online(predict_online, checkpoint, videos, classes_file, scale_size, crop_size, device)
+    else:
+        predict_videos(
+            checkpoint,
+            list(videos),
+            classes_file=classes_file,
+            crops=int(crops),
+            clips=int(clips),
+            scale_size=scale_size,
+            crop_size=crop_size,
+            device=device,
+            amp=amp,
+            on_result=show,
+        )
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
+def _predict_online(
+    predict_online: Any,
+    checkpoint: Path,
+    videos: tuple[Path, ...],
+    classes_file: Path | None,
+    scale_size: int | None,
+    crop_size: int | None,
+    device: str,
+) -> int:
+    """Stream every video through the online model, printing as it goes; returns how many could not be read."""
+    from ssv2prep.errors import SampleError
+
+    failed = 0
+    for video in videos:
+        out.print(f"{video} (online):", markup=False)
+
+        def show(i: int, top: list[tuple[str, float]]) -> None:
+            out.print(f"  frame {i + 1:4d}: {top[0][0]} ({100 * top[0][1]:.1f}%)", markup=False)
+
+        try:
+            predict_online(
+                checkpoint,
+                video,
+                classes_file=classes_file,
+                scale_size=scale_size,
+                crop_size=crop_size,
+                device=device,
+                on_frame=show,
+            )
+        except SampleError as exc:
+            failed += 1
+            click.echo(f"error: {exc}", err=True)
+    return failed

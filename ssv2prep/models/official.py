@@ -12,11 +12,22 @@ Key layouts:
 - Older MobileNet checkpoints and dropout-0 models keep the classifier at `base_model.classifier` /
   `base_model.fc`; it is renamed to `new_fc`.
 
-Names we write add one suffix the official code does not know: `_unidir` for unidirectional-shift models.
+Official meaning, not ours: the official `test_models.py` builds the network from the file name alone, and some
+names mean something else there than in ssv2prep. Rather than run a file as another network than the one it names,
+these are refused (import and export) or read the official way:
+
+- `shift1`: the official `TemporalShift` with `n_div=1` moves *all* channels from frame t+1 (its second fold is
+  empty), while our `shift_div=1` moves half the channels each way.
+- unidirectional models (our `shift_mode="unidirectional"`): the official code has no such mode; an earlier
+  ssv2prep wrote them with an `_unidir` token, which `test_models.py` ignores, running them bidirectionally.
+- MobileNetV2 with `block` placement: the official code shifts MobileNetV2 at `conv[0]` of each residual block
+  whatever the place token says. Here the official meaning is implemented on import (a MobileNetV2 name reads as
+  `blockres`), and our `block`-placed MobileNetV2 models are refused on export.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -29,7 +40,7 @@ import torch
 
 from ssv2prep.errors import CheckpointError, ConfigError
 from ssv2prep.fsutil import atomic_open
-from ssv2prep.models.shift import BIDIRECTIONAL, UNIDIRECTIONAL
+from ssv2prep.models.shift import BIDIRECTIONAL, SHIFT_ALL
 from ssv2prep.models.tsm import TSM, ModelConfig, build_tsm, load_model_state, strip_wrapper_prefixes
 
 log = logging.getLogger(__name__)
@@ -54,7 +65,9 @@ OFFICIAL_ARCHS: dict[str, str] = {
 }
 _ARCH_OF_BACKBONE = {backbone: arch for arch, backbone in OFFICIAL_ARCHS.items()}
 
+# The token an earlier ssv2prep export appended for unidirectional models; such files are refused now.
 UNIDIR_SUFFIX = "unidir"
+_DATASET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 
 _NAME_RE = re.compile(
     r"^TSM_(?P<dataset>[^_]+)_(?P<modality>[^_]+)_(?P<arch>[^_]+)"
@@ -99,35 +112,73 @@ def parse_official_name(name: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {base}: unsupported {', '.join(unsupported)} (RGB, avg, {sorted(OFFICIAL_ARCHS)} only)"
         )
-    return {
+    if UNIDIR_SUFFIX in suffixes:
+        raise CheckpointError(
+            f"checkpoint {base}: the official code has no unidirectional shift and ignores the '_{UNIDIR_SUFFIX}' "
+            "token, so it runs this file as a bidirectional network; evaluate the ssv2prep checkpoint it was "
+            "exported from (best.pt / last.pt) instead"
+        )
+    backbone = OFFICIAL_ARCHS[match["arch"]]
+    settings = {
         "dataset": match["dataset"],
-        "backbone": OFFICIAL_ARCHS[match["arch"]],
+        "backbone": backbone,
         "shift_div": int(match["div"] or 0),
-        "shift_place": match["place"] or "blockres",
-        "shift_mode": UNIDIRECTIONAL if UNIDIR_SUFFIX in suffixes else BIDIRECTIONAL,
+        # The official MobileNetV2 ignores the place token and always shifts conv[0]: read the name as it would.
+        "shift_place": "blockres" if backbone == "mobilenet_v2" else match["place"] or "blockres",
+        "shift_mode": BIDIRECTIONAL,
         "num_segments": int(match["segments"]),
         "epochs": int(match["epochs"]),
         "num_classes": DATASET_CLASSES.get(match["dataset"]),
         "suffixes": suffixes,
     }
+    problem = official_meaning_differs(
+        settings["backbone"], settings["shift_div"], settings["shift_place"], BIDIRECTIONAL
+    )
+    if problem:
+        raise CheckpointError(f"checkpoint {base}: {problem}; refusing to run a network other than the one it names")
+    return settings
+
+
+def official_meaning_differs(backbone: str, shift_div: int, shift_place: str, shift_mode: str) -> str | None:
+    """Why the official code would build another network than ssv2prep for these settings, or None when it would not.
+
+    The official `TemporalShift` with `n_div=1` takes all channels from t+1 (ours: half from t+1, half from t-1),
+    it has no unidirectional mode, and for MobileNetV2 it ignores the place (always `conv[0]` of residual blocks).
+    """
+    if shift_div <= 0:
+        return None  # a TSN: no shift to disagree about
+    if shift_mode != BIDIRECTIONAL:
+        return f"the official code has no {shift_mode} shift (it would run the file as bidirectional)"
+    if shift_div == SHIFT_ALL:
+        return (
+            "'shift1' means all channels from frame t+1 in the official code, while ssv2prep's shift-div 1 moves "
+            "half the channels each way"
+        )
+    if backbone == "mobilenet_v2" and shift_place != "blockres":
+        return f"the official MobileNetV2 is always shifted 'blockres' (at conv[0]), not {shift_place!r}"
+    return None
 
 
 def official_name(cfg: ModelConfig, *, dataset: str = "somethingv2", epochs: int = 45) -> str:
     """The official file name for a model: `TSM_<dataset>_RGB_<arch>[_shift<div>_<place>]_avg_segment<T>_e<epochs>.pth`.
 
-    Unidirectional models get a trailing `_unidir` token (unknown to the official code, which ignores it).
-
     Raises:
-        ConfigError: for a dataset name containing `_` (the official parser splits on it).
+        ConfigError: for a dataset name that is not letters, digits and '-' (the official parser splits on `_`, and
+            the name must stay a plain file name in the folder it is written to).
+        CheckpointError: for a model the official code would run as another network (`official_meaning_differs`).
     """
-    if not dataset or "_" in dataset:
-        raise ConfigError(f"dataset name {dataset!r} must be non-empty and contain no '_' to fit the official naming")
+    if not _DATASET_RE.fullmatch(dataset):
+        raise ConfigError(
+            f"--dataset {dataset!r}: use letters, digits and '-' only (it becomes one '_'-separated token of the "
+            "official file name)"
+        )
+    problem = official_meaning_differs(cfg.backbone, cfg.shift_div, cfg.shift_place, cfg.shift_mode)
+    if problem:
+        raise CheckpointError(f"cannot export in the official format: {problem}")
     parts = ["TSM", dataset, "RGB", _ARCH_OF_BACKBONE[cfg.backbone]]
     if cfg.shift_div > 0:
         parts += [f"shift{cfg.shift_div}", cfg.shift_place]
     parts += ["avg", f"segment{cfg.num_segments}", f"e{epochs}"]
-    if cfg.shift_div > 0 and cfg.shift_mode == UNIDIRECTIONAL:
-        parts.append(UNIDIR_SUFFIX)
     return "_".join(parts) + ".pth"
 
 
@@ -196,13 +247,25 @@ def to_official_state(model: TSM) -> dict[str, torch.Tensor]:
 # Files.
 
 
+def unreadable_reason(exc: BaseException) -> str:
+    """What a `torch.load(weights_only=True)` failure means, in a few words for a one-line message."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in text:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        what = found[1] if found else "Python objects"
+        return f"it holds {what}, which weights-only loading refuses to unpickle (only tensors and plain values)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot read it ({exc.strerror})"
+    return "corrupt or truncated (not a complete PyTorch checkpoint file)"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise CheckpointError(f"checkpoint {path}: {unreadable_reason(exc)}") from exc
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {path} holds neither a state dict nor a dict with 'state_dict'")
@@ -222,14 +285,34 @@ def _settings_for(path: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in parsed.items() if k in fields and v is not None}
 
 
+class _DropInitLine(logging.Filter):
+    """Drops `build_tsm`'s 'built <backbone> backbone (weights: ...)' record: it names the init of a model whose
+    weights are about to be replaced by a checkpoint's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("built %s backbone")
+
+
+def build_for_checkpoint(cfg: ModelConfig) -> TSM:
+    """`build_tsm(cfg)` for a model whose weights are loaded next: without the misleading 'random init' log line."""
+    tsm_log = logging.getLogger(build_tsm.__module__)
+    quiet = _DropInitLine()
+    tsm_log.addFilter(quiet)
+    try:
+        return build_tsm(cfg)
+    finally:
+        tsm_log.removeFilter(quiet)
+
+
 def load_official(
     path: str | os.PathLike[str], cfg_overrides: Mapping[str, Any] | None = None
 ) -> tuple[TSM, ModelConfig]:
     """Build the model an official checkpoint describes and load its weights.
 
+    The file is read first (with `weights_only=True`), so a corrupt or truncated file says so whatever its name.
     Settings come from the file name (`parse_official_name`), `num_classes` from the classifier's shape, then
     `cfg_overrides` (any `ModelConfig` field, e.g. `num_segments` to test with another T, or the architecture
-    when the file was renamed) win. The file is read with `weights_only=True`.
+    when the file was renamed) win.
 
     Args:
         path: the checkpoint file.
@@ -239,8 +322,9 @@ def load_official(
         `(model, cfg)`, the model in eval mode on the CPU.
 
     Raises:
-        CheckpointError: unreadable file, unparseable name without overrides, or keys/shapes that do not fit (one
-            message listing the first missing and unexpected keys with their counts).
+        CheckpointError: unreadable file, unparseable name without overrides, a name the official code would run
+            as another network than ours (see the module docstring), or keys/shapes that do not fit (one message
+            listing the first missing and unexpected keys with their counts).
         ConfigError: for invalid overrides.
     """
     path = Path(path)
@@ -248,15 +332,22 @@ def load_official(
     unknown = overrides.keys() - set(ModelConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown model settings {sorted(unknown)} in cfg_overrides for {path.name}")
-    settings = _settings_for(path, overrides)
     raw = _read_state_dict(path)
+    settings = _settings_for(path, overrides)
     state = from_official_state(raw, overrides.get("backbone", settings.get("backbone", "resnet50")))
     if "new_fc.weight" in state:
         settings["num_classes"] = int(state["new_fc.weight"].shape[0])
     cfg = ModelConfig(**{**settings, **overrides, "weights": None}).validate()
-    model = build_tsm(cfg)
+    model = build_for_checkpoint(cfg)
     load_model_state(model, state, source=path)
-    log.info("loaded official checkpoint %s as %s", path, cfg)
+    log.info(
+        "loaded official checkpoint %s: %s, %d classes, %d frames, shift %s",
+        path,
+        cfg.backbone,
+        cfg.num_classes,
+        cfg.num_segments,
+        f"1/{cfg.shift_div} {cfg.shift_place}" if cfg.shift_div else "none (TSN)",
+    )
     return model.eval(), cfg
 
 
@@ -275,15 +366,36 @@ def export_official(
 
     Returns:
         The path written (`directory / official_name(model.cfg, dataset=dataset, epochs=epochs)`).
+
+    Raises:
+        ConfigError: a bad dataset name, or a folder that cannot be written (nothing is left behind).
+        CheckpointError: a model the official code would run as another network (`official_meaning_differs`).
     """
     path = Path(directory) / official_name(model.cfg, dataset=dataset, epochs=epochs)
+    expected = DATASET_CLASSES.get(dataset)
+    if expected != model.cfg.num_classes:
+        log.warning(
+            "the official test_models.py builds %s classes for dataset %r and this model has %d: it will not load "
+            "%s (ssv2prep will)",
+            expected if expected is not None else "no model (an unknown dataset name)",
+            dataset,
+            model.cfg.num_classes,
+            path.name,
+        )
     payload = {
         "epoch": int(epochs),
         "arch": _ARCH_OF_BACKBONE[model.cfg.backbone],
         "state_dict": to_official_state(model),
         "best_prec1": float(best_prec1),
     }
-    with atomic_open(path, "wb") as fh:
-        torch.save(payload, fh)
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    try:
+        with atomic_open(path, "wb") as fh:
+            torch.save(payload, fh)
+    except OSError as exc:
+        for folder in created:  # leave nothing behind: the folders this call made, deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
     log.info("exported %s", path)
     return path

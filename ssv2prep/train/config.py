@@ -53,10 +53,13 @@ class RuntimeConfig:
     log_every: int = 10
     eval_every: int = 1
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: only at the end of each epoch)
-    seed: int = 0
+    seed: int = 0  # model init; each rank's dropout draws from a seed derived from it and the rank
+    dist_timeout_s: float = 900.0  # a collective that waits longer fails (a rank died or hangs) instead of hanging
 
     def validate(self) -> None:
         """Raise ConfigError on a bad value."""
+        if self.dist_timeout_s <= 0:
+            raise ConfigError(f"--dist-timeout must be > 0 seconds (got {self.dist_timeout_s})")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"--amp must be one of {list(AMP_MODES)} (got {self.amp!r})")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -80,6 +83,7 @@ class TrainConfig:
     val_index: str | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    allow_changes: bool = False  # resuming with other options (lr, dropout, ...) than the run was started with
 
     def validate(self) -> None:
         """Validate every section."""

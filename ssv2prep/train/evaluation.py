@@ -1,26 +1,33 @@
 """`ssv2prep eval`: score a checkpoint (ours or an official `.pth`) on a held-out split, at one or more fidelities.
 
-Scores are the plain mean of raw logits over crops x clips (the official test protocol). Rank 0 writes, into the
-output folder: `report.json`, `per_class.csv`, `confusion.npy`, `confusion.png`, optionally the submission file
-(`id;c1;c2;c3;c4;c5`, top-5 class indices), and with several settings `grid.md` / `grid.csv`.
+Scores are the plain mean of raw logits over crops x clips (the official test protocol), computed in fp32 (no TF32)
+as the official test does unless `amp` asks for autocast (the precision is recorded in `report.json`). Rank 0
+writes, into the output folder: `report.json`, `per_class.csv`, `confusion.npy`, `confusion.png`, optionally the
+submission file (`id;c1;c2;c3;c4;c5`, top-5 class indices; always, as `predictions.csv`, for a split without
+labels), and with several settings `grid.md` / `grid.csv`. Every destination is checked for writability before the
+(long) scoring starts, and a failed write removes the files written so far: an error leaves no partial report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import json
 import logging
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
-from ssv2prep.errors import CheckpointError, ConfigError
-from ssv2prep.fsutil import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ssv2prep.train.dist import DistInfo, init_distributed, teardown
+from ssv2prep.errors import CheckpointError, ConfigError, ShardError
+from ssv2prep.fsutil import atomic_write_bytes, make_temp
+from ssv2prep.train.dist import DistInfo, broadcast_object, init_distributed, teardown
 from ssv2prep.train.loop import StepContext, evaluate
 from ssv2prep.train.metrics import EvalMetrics, video_metrics
 from ssv2prep.train.report import markdown_table
@@ -30,6 +37,8 @@ log = logging.getLogger(__name__)
 
 CROPS = (1, 3, 5, 10)
 CLIPS = (1, 2)
+AMP_MODES = ("off", "auto", "bf16", "fp16")  # off: fp32, as the official test; auto: bf16 where supported, else fp16
+_PRECISION_NAMES: dict[torch.dtype | None, str] = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +59,7 @@ class EvalConfig:
     crop_size: int | None = None  # None: as trained (224 for official files)
     predictions: Path | None = None
     device: str = "auto"
-    amp: str = "auto"
+    amp: str = "off"  # fp32 by default: autocast moves logits by about an off-by-one frame's worth
     cache_dir: Path | None = None  # local copies of streamed shards (see ssv2prep.data.cache)
     cache_size_bytes: int = 100 << 30
     cache_verify: str = "md5"
@@ -62,6 +71,34 @@ class EvalConfig:
                 raise ConfigError(f"--crops must be one of {list(CROPS)} and --clips one of {list(CLIPS)}")
         if self.batch_size < 1 or self.workers < 0:
             raise ConfigError("--batch-size must be >= 1 and --workers >= 0")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"--amp must be one of {list(AMP_MODES)}, got {self.amp!r}")
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """`fp32` for no autocast, else `bf16` / `fp16`: how report.json records what the model ran in."""
+    return _PRECISION_NAMES[dtype]
+
+
+@contextlib.contextmanager
+def exact_fp32(enabled: bool = True) -> Iterator[None]:
+    """While the block runs, fp32 convolutions and matmuls run in fp32, not TF32 (which cuDNN uses by default on
+    Ampere and newer GPUs, keeping 10 mantissa bits): the official test's arithmetic. A no-op when not `enabled`."""
+    if not enabled:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def check_device(device: str) -> None:
+    """Raise ConfigError for `--device cuda` on a machine without CUDA (rather than a torch error later)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available here (use --device cpu or auto)")
 
 
 def load_for_eval(path: Path, segments: int | None) -> tuple[nn.Module, Any, list[str] | None]:
@@ -70,18 +107,29 @@ def load_for_eval(path: Path, segments: int | None) -> tuple[nn.Module, Any, lis
     Our checkpoints carry their model config and classes; an official `.pth` is read by `load_official`, its
     settings taken from the file name.
     """
-    from ssv2prep.models.official import load_official
-    from ssv2prep.models.tsm import ModelConfig, build_tsm, load_model_state
+    from ssv2prep.models.official import build_for_checkpoint, load_official
+    from ssv2prep.models.tsm import ModelConfig, load_model_state
     from ssv2prep.train.checkpoint import is_ours, load_checkpoint
 
     overrides = {"num_segments": segments} if segments else {}
-    if not is_ours(path):
+    if not is_ours(path):  # also for a corrupt file: load_official reads it first and says what is wrong with it
         model, cfg = load_official(path, overrides)
         return model.eval(), cfg, None
     ckpt = load_checkpoint(path)
     cfg = replace(ModelConfig(**ckpt["model_config"]), weights=None, **overrides)  # type: ignore[arg-type]
-    model = build_tsm(cfg)
+    model = build_for_checkpoint(cfg)
     load_model_state(model, ckpt["model"], source=path)
+    best = float(ckpt.get("best_top1", -1.0))
+    log.info(
+        "loaded %s: %s, %d classes, %d frames, shift %s, trained %d epochs (best val top-1 %s)",
+        path,
+        cfg.backbone,
+        cfg.num_classes,
+        cfg.num_segments,
+        f"1/{cfg.shift_div} {cfg.shift_mode} {cfg.shift_place}" if cfg.shift_div else "none (TSN)",
+        int(ckpt.get("epoch", 0)),
+        f"{best:.2f}%" if best >= 0 else "n/a",
+    )
     return model.eval(), cfg, list(ckpt["classes"])
 
 
@@ -142,23 +190,49 @@ def _one_setting(
     return evaluate(model, loader, ctx=ctx, on_batch=on_batch)
 
 
-def _classes(source: Any, from_ckpt: list[str] | None, num_classes: int, spec: str) -> list[str]:
-    where = source.index_url or spec
+def _classes(source: Any, from_ckpt: list[str] | None, num_classes: int, checkpoint: Path) -> list[str]:
+    """The class names to report with; ConfigError when the data's labels mean other classes than the model's,
+    or when no names are known at all (never made up: the per-class report would name the wrong classes)."""
+    where = source.index_url or "the data"
     if source.num_classes is not None and source.num_classes != num_classes:
         raise ConfigError(
             f"{where}: the index has {source.num_classes} classes but the checkpoint predicts {num_classes}"
         )
-    classes = list(source.classes) if source.classes else from_ckpt
-    if classes is None:  # never made-up names: the per-class report would attach them to the wrong videos
+    data_names = list(source.classes) if source.classes else None
+    classes = data_names or from_ckpt
+    if classes is None:
         raise ConfigError(
             f"{where}: no class names: the index carries none (no class_names in it, no class list beside it) and "
-            "the checkpoint has none; keep classes.json beside the index"
+            f"the checkpoint ({checkpoint}) has none; keep classes.json beside the index"
         )
     if len(classes) != num_classes:
-        raise ConfigError(f"the data has {len(classes)} classes but the checkpoint predicts {num_classes}")
-    if from_ckpt is not None and source.classes and list(source.classes) != from_ckpt:
-        log.warning("the class names of the data differ from the checkpoint's; using the data's")
+        where = class_list_source(source) if data_names else str(checkpoint)
+        raise ConfigError(f"the data has {len(classes)} classes ({where}) but the checkpoint predicts {num_classes}")
+    if from_ckpt is not None and data_names is not None and data_names != from_ckpt:
+        # Label i of the data would be scored against output i of the model: with other names there, every
+        # accuracy would be silently wrong.
+        first = next(i for i, (a, b) in enumerate(zip(data_names, from_ckpt, strict=True)) if a != b)
+        how = "the same names in another order" if sorted(data_names) == sorted(from_ckpt) else "other names"
+        raise ConfigError(
+            f"the class list of the data ({class_list_source(source)}) and that of the checkpoint ({checkpoint}) "
+            f"differ: {how}, first at index {first} ({data_names[first]!r} vs {from_ckpt[first]!r}); labels would "
+            "be scored against the wrong classes (shard the data with the checkpoint's classes.json order)"
+        )
     return classes
+
+
+def class_list_source(source: Any) -> str:
+    """Where a shard source's class names were read from (the class file beside its index), for messages."""
+    index_url = source.index_url
+    if index_url is None:
+        return "the data's class list"
+    name = "classes.json"
+    if "://" not in index_url or index_url.startswith("file://"):
+        local = index_url.removeprefix("file://")
+        with contextlib.suppress(OSError, ValueError):
+            name = str(json.loads(Path(local).read_text(encoding="utf-8")).get("classes", name))
+        return str(Path(local).parent / name)
+    return f"{name} beside {index_url}"
 
 
 def confusion_png(cm: np.ndarray, title: str) -> bytes:
@@ -198,50 +272,142 @@ def submission_lines(keys: list[str], scores: np.ndarray) -> str:
     return "".join(f"{k};{';'.join(str(int(c)) for c in row)}\n" for k, row in zip(keys, top5, strict=True))
 
 
-def _write_reports(
-    cfg: EvalConfig, rows: list[dict[str, Any]], first: tuple[Any, EvalMetrics], classes: list[str]
-) -> None:
-    out, m = first
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    np.save(cfg.out / "confusion.npy", m.confusion)
-    atomic_write_bytes(cfg.out / "confusion.png", confusion_png(m.confusion, f"{cfg.checkpoint.name}"))
-    atomic_write_text(cfg.out / "per_class.csv", _per_class_csv(m, classes))
+def predictions_file(cfg: EvalConfig, rows: list[dict[str, Any]]) -> Path | None:
+    """Where the per-video predictions go: `--predictions`, else `<out>/predictions.csv` when the split has no
+    labels (predictions are then the only result), else nowhere."""
     if cfg.predictions is not None:
-        atomic_write_text(cfg.predictions, submission_lines(out.keys, out.scores))
-    report = {"checkpoint": str(cfg.checkpoint), "data": cfg.data, "settings": rows}
-    atomic_write_json(cfg.out / "report.json", report)
+        return cfg.predictions
+    if rows and rows[0]["labelled"] == 0:
+        return cfg.out / "predictions.csv"
+    return None
+
+
+def _unwritable(target: Path, folder: Path, option: str) -> str | None:
+    """Why `target` cannot be created in `folder` (a one-line message naming `option`), or None.
+
+    Probes by creating `folder` and a temp file in it, and removes both again: it leaves nothing behind.
+    """
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        return f"{option} {target}: cannot write there ({blocker} is a file, not a folder)"
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = make_temp(folder / "probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"{option} {target}: cannot write there ({exc.strerror or exc})"
+    finally:
+        for made in created:  # deepest first; the reports create them again when they are written
+            with contextlib.suppress(OSError):
+                made.rmdir()
+    return None
+
+
+def _check_outputs(cfg: EvalConfig, info: DistInfo) -> None:
+    """ConfigError on every rank, before the scoring, when rank 0 could not write the reports at the end."""
+    problem = None
+    if info.is_main:
+        problem = _unwritable(cfg.out, cfg.out, "--out")
+        if problem is None and cfg.predictions is not None:
+            problem = _unwritable(cfg.predictions, cfg.predictions.parent, "--predictions")
+    problem = broadcast_object(problem, info)
+    if problem:
+        raise ConfigError(problem)
+
+
+def _write_all(files: list[tuple[Path, bytes, str]]) -> None:
+    """Write every `(path, bytes, option)` atomically; on a failure remove what this call wrote, and raise
+    ConfigError naming the option and the path."""
+    written: list[Path] = []
+    created = {p for path, _, _ in files for p in (path.parent, *path.parent.parents) if not p.exists()}
+    try:
+        for path, data, option in files:
+            try:
+                atomic_write_bytes(path, data)
+            except OSError as exc:
+                raise ConfigError(f"{option} {path}: cannot write it ({exc.strerror or exc})") from exc
+            written.append(path)
+    except ConfigError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _report_files(
+    cfg: EvalConfig, rows: list[dict[str, Any]], first: tuple[Any, EvalMetrics], classes: list[str]
+) -> list[tuple[Path, bytes, str]]:
+    out, m = first
+    npy = io.BytesIO()
+    np.save(npy, m.confusion)
+    predictions = predictions_file(cfg, rows)
+    report = {
+        "checkpoint": str(cfg.checkpoint),
+        "data": cfg.data,
+        "precision": rows[0]["precision"],
+        "predictions": str(predictions) if predictions else None,
+        "settings": rows,
+    }
+    files = [
+        (cfg.out / "confusion.npy", npy.getvalue(), "--out"),
+        (cfg.out / "confusion.png", confusion_png(m.confusion, f"{cfg.checkpoint.name}"), "--out"),
+        (cfg.out / "per_class.csv", _per_class_csv(m, classes).encode(), "--out"),
+    ]
+    if predictions is not None:
+        option = "--predictions" if cfg.predictions is not None else "--out"
+        files.append((predictions, submission_lines(out.keys, out.scores).encode(), option))
     if len(rows) > 1:
-        headers = ["crops", "clips", "views", "videos", "top1", "top5", "mean class acc", "s/video"]
-        table = [
-            [
-                r["crops"],
-                r["clips"],
-                r["crops"] * r["clips"],
-                r["videos"],
-                f"{r['top1']:.2f}",
-                f"{r['top5']:.2f}",
-                f"{r['mean_class_accuracy']:.2f}",
-                f"{r['seconds_per_video']:.4f}",
-            ]
-            for r in rows
+        files += [(cfg.out / name, text.encode(), "--out") for name, text in _grid_tables(rows).items()]
+    files.append((cfg.out / "report.json", (json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode(), "--out"))
+    return files
+
+
+def _grid_tables(rows: list[dict[str, Any]]) -> dict[str, str]:
+    headers = ["crops", "clips", "views", "videos", "top1", "top5", "mean class acc", "s/video"]
+    table = [
+        [
+            r["crops"],
+            r["clips"],
+            r["crops"] * r["clips"],
+            r["videos"],
+            f"{r['top1']:.2f}",
+            f"{r['top5']:.2f}",
+            f"{r['mean_class_accuracy']:.2f}",
+            f"{r['seconds_per_video']:.4f}",
         ]
-        atomic_write_text(cfg.out / "grid.md", markdown_table(headers, table) + "\n")
-        atomic_write_text(
-            cfg.out / "grid.csv",
-            ",".join(headers) + "\n" + "".join(",".join(str(c) for c in row) + "\n" for row in table),
-        )
+        for r in rows
+    ]
+    return {
+        "grid.md": markdown_table(headers, table) + "\n",
+        "grid.csv": ",".join(headers) + "\n" + "".join(",".join(str(c) for c in row) + "\n" for row in table),
+    }
 
 
 def evaluate_checkpoint(cfg: EvalConfig, *, on_batch: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
-    """Evaluate at every (crops, clips) setting; returns one result row per setting (same on every rank)."""
+    """Evaluate at every (crops, clips) setting; returns one result row per setting (same on every rank).
+
+    Raises:
+        ConfigError: bad options, an unwritable `--out` / `--predictions` (found before scoring), or data whose
+            class list differs from the checkpoint's.
+        ShardError: a split with no samples.
+        CheckpointError: a checkpoint that cannot be read or built.
+    """
     from ssv2prep.data.source import resolve_source
 
     cfg.validate()
+    check_device(cfg.device)
+    source = resolve_source(cfg.data, index=cfg.index)
+    if not source.urls or source.num_samples == 0:
+        raise ShardError(f"{cfg.data}: 0 samples to evaluate (the split is empty)")
     info = init_distributed(cfg.device)
     try:
         model, model_cfg, ckpt_classes = load_for_eval(cfg.checkpoint, cfg.segments)
-        source = resolve_source(cfg.data, index=cfg.index)
-        classes = _classes(source, ckpt_classes, model_cfg.num_classes, cfg.data)
+        classes = _classes(source, ckpt_classes, model_cfg.num_classes, cfg.checkpoint)
+        _check_outputs(cfg, info)
         return _evaluate_all(cfg, info, model.to(info.device), model_cfg, source, classes, on_batch)
     finally:
         teardown(info)
@@ -257,9 +423,16 @@ def _evaluate_all(
     on_batch: Callable[[int], None] | None,
 ) -> list[dict[str, Any]]:
     ctx = StepContext(dist=info, amp_dtype=amp_dtype(cfg.amp, info.device))
+    precision = precision_name(ctx.amp_dtype)
+    if cfg.amp != "off" and ctx.amp_dtype is None:
+        log.info("--amp has no effect on %s: evaluating in fp32", info.device)
+    log.info("evaluating on %s in %s", info.device, precision)
     rows, first = [], None
     for crops, clips in cfg.settings:
-        out = _one_setting(cfg, model, model_cfg, source, crops, clips, ctx, on_batch)
+        with exact_fp32(ctx.amp_dtype is None):
+            out = _one_setting(cfg, model, model_cfg, source, crops, clips, ctx, on_batch)
+        if not out.keys:
+            raise ShardError(f"{cfg.data}: 0 samples were read (the shards hold none the loader could use)")
         m = video_metrics(out.scores, out.labels, len(classes))
         first = first or (out, m)
         rows.append(
@@ -276,8 +449,9 @@ def _evaluate_all(
                 "seconds_per_video": out.seconds / max(1, len(out.keys)),
                 "full_res": cfg.full_res,
                 "dense": cfg.dense,
+                "precision": precision,
             }
         )
     if info.is_main and first is not None:
-        _write_reports(cfg, rows, first, classes)
+        _write_all(_report_files(cfg, rows, first, classes))
     return rows

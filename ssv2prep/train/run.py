@@ -6,23 +6,32 @@ checkpoint, plots) -> teardown. Only rank 0 writes files; every rank runs the sa
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from ssv2prep.errors import CheckpointError, ConfigError
+from ssv2prep.errors import CheckpointError, ConfigError, Ssv2PrepError
 from ssv2prep.fsutil import atomic_write_json, make_temp
 from ssv2prep.train.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ssv2prep.train.config import TrainConfig
-from ssv2prep.train.dist import DistInfo, barrier, init_distributed, teardown
+from ssv2prep.train.dist import (
+    DistInfo,
+    all_gather_objects,
+    all_ok,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    teardown,
+)
 from ssv2prep.train.loop import StepContext, evaluate, sum_meter, train_one_epoch
 from ssv2prep.train.metrics import Meter, video_metrics
 from ssv2prep.train.report import MetricsLog, plot_run
@@ -31,6 +40,29 @@ from ssv2prep.train.schedule import lr_factor, scaled_lr
 log = logging.getLogger(__name__)
 
 ARCH_KEYS = ("backbone", "num_classes", "num_segments", "shift_div", "shift_mode", "shift_place")
+# Options a resumed run may change freely: where things are and how fast they run, not what is trained.
+FREE_KEYS = frozenset(
+    {
+        "out",
+        "train",
+        "val",
+        "train_index",
+        "val_index",
+        "allow_changes",
+        "data.num_workers",
+        "data.gpu_decode",
+        "runtime.device",
+        "runtime.amp",  # `auto` resolves by GPU anyway (fp16 on V100, bf16 on A100); the loss scaler adapts
+        "runtime.channels_last",
+        "runtime.compile",
+        "runtime.log_every",
+        "runtime.eval_every",
+        "runtime.checkpoint_every",
+        "runtime.dist_timeout_s",
+    }
+)
+NOTED_KEYS = frozenset({"optim.epochs"})  # allowed (training longer is common), but said and kept in the history
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -62,13 +94,25 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: None on CPU or when off; bf16 where CUDA supports it, else fp16 (needs a scaler)."""
-    if device.type != "cuda" or mode == "off":
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of a rank's own draws (dropout): different on every rank and from `seed` itself (model init)."""
+    return int(np.random.SeedSequence([seed, rank, 1]).generate_state(1)[0])
+
+
+def choose_amp_dtype(mode: str, device_type: str, *, bf16_native: bool) -> torch.dtype | None:
+    """The autocast dtype for `--amp mode` on a device: None on CPU or when off; `auto` is bf16 where the GPU
+    computes it natively (Ampere and later), else fp16 with a loss scaler (V100 and T4 only emulate bf16, slowly)."""
+    if device_type != "cuda" or mode == "off":
         return None
-    if mode == "bf16" or (mode == "auto" and torch.cuda.is_bf16_supported()):
+    if mode == "bf16" or (mode == "auto" and bf16_native):
         return torch.bfloat16
     return torch.float16
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """`choose_amp_dtype` for this process's device."""
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return choose_amp_dtype(mode, device.type, bf16_native=native)
 
 
 def build_loaders(cfg: TrainConfig, info: DistInfo) -> tuple[Any, Any, Any]:
@@ -77,12 +121,14 @@ def build_loaders(cfg: TrainConfig, info: DistInfo) -> tuple[Any, Any, Any]:
     from ssv2prep.data.source import resolve_source
 
     source = resolve_source(cfg.train, index=cfg.train_index)
-    train = build_train_loader(source, cfg.data, rank=info.rank, world_size=info.world_size, seed=cfg.runtime.seed)
     train_classes(source, cfg.train)
+    val_source = resolve_source(cfg.val, index=cfg.val_index) if cfg.val else None
+    if val_source is not None:
+        check_val_num_classes(source, val_source, cfg.val or "")
+        check_same_classes(source, val_source)
+    train = build_train_loader(source, cfg.data, rank=info.rank, world_size=info.world_size, seed=cfg.runtime.seed)
     val = None
-    if cfg.val:
-        val_source = resolve_source(cfg.val, index=cfg.val_index)
-        check_val_classes(source, val_source, cfg.val)
+    if val_source is not None:
         val = build_eval_loader(val_source, cfg.data, rank=info.rank, world_size=info.world_size)
     return train, val, source
 
@@ -98,21 +144,46 @@ def train_classes(source: Any, spec: str) -> list[str]:
     return list(source.classes)
 
 
-def check_val_classes(train: Any, val: Any, spec: str) -> None:
-    """Validation labels are indices into the train head: refuse a validation index of other classes (before
-    the first step rather than after an epoch)."""
-    where = val.index_url or spec
+def check_val_num_classes(train: Any, val: Any, spec: str) -> None:
+    """Validation labels are indices into the train head: refuse a validation index of another class count
+    (before the first step rather than after an epoch), also when it carries no names to compare."""
     if val.num_classes is not None and val.num_classes != train.num_classes:
         raise ConfigError(
-            f"--val {where}: {val.num_classes} classes, but the train index {train.index_url} has "
+            f"--val {val.index_url or spec}: {val.num_classes} classes, but the train index {train.index_url} has "
             f"{train.num_classes} (the size of the head); give the validation index of the same shard folder"
         )
-    if val.classes and train.classes and tuple(val.classes) != tuple(train.classes):
-        first = next(i for i, (a, b) in enumerate(zip(val.classes, train.classes, strict=True)) if a != b)
-        raise ConfigError(
-            f"--val {where}: class {first} is {val.classes[first]!r} there but {train.classes[first]!r} in the train "
-            f"index {train.index_url}; give the validation index of the same shard folder"
-        )
+
+
+def check_same_classes(train: Any, val: Any) -> None:
+    """Raise ConfigError when the validation shards label other classes (or in another order) than the train ones:
+    their metrics (and best.pt) would be silently wrong, or fail after a whole epoch on a label out of range."""
+    if train.classes is None or val.classes is None or tuple(train.classes) == tuple(val.classes):
+        return
+    a, b = list(train.classes), list(val.classes)
+    if sorted(a) == sorted(b):
+        i = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+        what = f"the same {len(a)} classes in another order (label {i}: {a[i]!r} vs {b[i]!r})"
+    else:
+        extra, missing = sorted(set(b) - set(a)), sorted(set(a) - set(b))
+        what = f"{len(a)} vs {len(b)} classes"
+        what += f"; only in --val: {extra[:3]}" if extra else ""
+        what += f"; only in --train: {missing[:3]}" if missing else ""
+    raise ConfigError(
+        f"--val and --train label different classes: {_classes_file(val)} vs {_classes_file(train)}: {what}. "
+        "Shard both splits with the same labels (classes.json)"
+    )
+
+
+def _classes_file(source: Any) -> str:
+    """Where a source's class list comes from: the file its (local) index names, else the index itself."""
+    index = source.index_url
+    if index is None:
+        return "(no index)"
+    try:
+        named = json.loads(Path(index).read_text(encoding="utf-8")).get("classes")
+    except (OSError, ValueError, AttributeError):
+        return index
+    return str(Path(index).parent / named) if isinstance(named, str) else index
 
 
 def build_model(cfg: TrainConfig, classes: list[str] | None, info: DistInfo) -> nn.Module:
@@ -171,6 +242,7 @@ def _checkpoint_state(
     classes: list[str],
     *,
     steps_per_epoch: int,
+    rngs: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
         "model": model.state_dict(),
@@ -185,43 +257,180 @@ def _checkpoint_state(
         "config": cfg.to_dict(),
         "model_config": model.cfg.to_dict(),  # type: ignore[union-attr]
         "classes": classes,
-        "rng": rng_state(),
+        "world_size": len(rngs),
+        "rng": rngs,
     }
 
 
-def _resume(
-    run_dir: Path, model: nn.Module, optimizer: Any, scaler: Any, metrics: MetricsLog, *, steps_per_epoch: int
-) -> FitState:
-    path = run_dir / "last.pt"
+def _on_main(info: DistInfo, what: str, fn: Callable[[], T]) -> T | None:
+    """Run `fn` on rank 0 only (it writes the files) and let every rank know whether it worked.
+
+    When it fails, rank 0 raises its error and the other ranks stop at once with a pointer to it, instead of
+    waiting at the next collective until the timeout. An OSError becomes one line naming the path."""
+    error: BaseException | None = None
+    result = None
+    if info.is_main:
+        try:
+            result = fn()
+        except (Ssv2PrepError, OSError) as exc:
+            error = exc
+    if all_ok(error is None, info):
+        return result
+    if error is None:
+        raise Ssv2PrepError(f"rank 0 failed to {what} (its error is in its log); stopping")
+    if isinstance(error, OSError):
+        raise Ssv2PrepError(f"{error.filename or '--out'}: cannot {what} ({error.strerror or error})") from error
+    raise error
+
+
+def _peek(path: Path) -> tuple[int, int] | str:
+    """(epoch, global_step) of the checkpoint at `path` as this rank sees it, or why there is none."""
     if not path.is_file():
+        return "no checkpoint"
+    try:
+        ckpt = load_checkpoint(path, mmap=True)
+    except CheckpointError:
+        return "an unreadable checkpoint"
+    return int(ckpt["epoch"]), int(ckpt["global_step"])
+
+
+def _resume_checkpoint(cfg: TrainConfig, info: DistInfo, classes: list[str], base_lr: float) -> dict[str, Any] | None:
+    """Rank 0's `last.pt` (or None for a new run), the same on every rank.
+
+    Rank 0 decides: it reads the file, refuses changed options without `--allow-changes` and writes config.json
+    (with the history of changes). The checkpoint is then broadcast, so ranks with their own disks (or a stale
+    network file system) cannot resume other epochs; a rank whose own view differs says so."""
+    path = cfg.out / "last.pt"
+
+    def decide() -> dict[str, Any] | None:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        ckpt = load_checkpoint(path) if path.is_file() else None
+        history = _config_history(cfg, ckpt)
+        atomic_write_json(cfg.out / "config.json", cfg.to_dict() | {"classes": classes, "base_lr": base_lr} | history)
+        return ckpt
+
+    ckpt = _on_main(info, "write the run folder", decide)
+    if not info.distributed:
+        return ckpt
+    mine = _peek(path) if not info.is_main else None
+    ckpt = broadcast_object(ckpt, info)
+    if mine is not None:
+        chosen = "no checkpoint" if ckpt is None else (int(ckpt["epoch"]), int(ckpt["global_step"]))
+        if mine != chosen:
+            log.warning(
+                "rank %d sees %s at %s (epoch, step), rank 0 %s: resuming from rank 0's (is the folder shared?)",
+                info.rank,
+                mine,
+                path,
+                chosen,
+            )
+    return ckpt
+
+
+def config_changes(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> dict[str, list[Any]]:
+    """{dotted key: [saved value, wanted value]} of every option that differs between two `TrainConfig.to_dict()`s."""
+    out: dict[str, list[Any]] = {}
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        name = prefix + key
+        if isinstance(a, dict) and isinstance(b, dict):
+            out |= config_changes(a, b, name + ".")
+        elif a != b:
+            out[name] = [a, b]
+    return out
+
+
+def _config_history(cfg: TrainConfig, ckpt: dict[str, Any] | None) -> dict[str, Any]:
+    """{"history": [...]} for config.json: earlier changes plus this resume's; raises ConfigError on changes the
+    user did not allow (`--allow-changes`)."""
+    if ckpt is None:
+        return {}
+    try:
+        history = json.loads((cfg.out / "config.json").read_text(encoding="utf-8")).get("history", [])
+    except (OSError, ValueError, AttributeError):
+        history = []
+    changes = {k: v for k, v in config_changes(ckpt["config"], cfg.to_dict()).items() if k not in FREE_KEYS}
+    if not changes:
+        return {"history": history} if history else {}
+    said = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+    if not cfg.allow_changes and set(changes) - NOTED_KEYS:
+        raise ConfigError(
+            f"{cfg.out} was trained with other options ({said}); resume with the same ones, or pass "
+            "--allow-changes to switch here (config.json keeps the history), or use a new --out"
+        )
+    log.warning("resuming %s with changed options: %s", cfg.out, said)
+    entry = {"epoch": int(ckpt["epoch"]), "global_step": int(ckpt["global_step"]), "changes": changes}
+    return {"history": [*history, entry]}
+
+
+def _load_scaler(scaler: Any, state: dict[str, Any]) -> None:
+    """Restore the loss scaler, or start a fresh one when the checkpoint was saved under another `--amp` (a disabled
+    scaler saves an empty state, which GradScaler refuses to load)."""
+    if scaler.is_enabled() and not state:
+        log.warning("the checkpoint was saved without an fp16 loss scaler (another --amp): starting a fresh one")
+        return
+    scaler.load_state_dict(state)
+
+
+def _resume(
+    ckpt: dict[str, Any] | None,
+    model: nn.Module,
+    optimizer: Any,
+    scaler: Any,
+    metrics: MetricsLog,
+    *,
+    info: DistInfo,
+    steps_per_epoch: int,
+    path: Path,
+    num_workers: int | None = None,
+) -> FitState:
+    if ckpt is None:
         return FitState()
-    ckpt = load_checkpoint(path)
     check_compatible(ckpt["model_config"], model.cfg.to_dict(), ARCH_KEYS)  # type: ignore[union-attr]
     try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path}: cannot resume from it ({' '.join(str(exc).split())[:300]})") from exc
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
+    _load_scaler(scaler, ckpt["scaler"])
     epoch_step, global_step, meter = int(ckpt.get("epoch_step", 0)), int(ckpt["global_step"]), ckpt.get("epoch_meter")
     saved_steps = int(ckpt.get("steps_per_epoch", steps_per_epoch))
-    metrics.truncate_after(global_step if saved_steps == steps_per_epoch else global_step - epoch_step)
-    if saved_steps != steps_per_epoch:
+    saved_world = int(ckpt.get("world_size", info.world_size))  # older files do not say
+    same_layout = saved_steps == steps_per_epoch and saved_world == info.world_size
+    rngs = ckpt["rng"] if isinstance(ckpt["rng"], list) else [ckpt["rng"]]  # older files: rank 0's state only
+    if len(rngs) == info.world_size or (len(rngs) == 1 and info.is_main):
+        set_rng_state(rngs[info.rank], info.device)  # else: the seeds of this run's ranks (another world size)
+    metrics.truncate_after(global_step if same_layout else global_step - epoch_step)
+    if not same_layout:
         # Another world size or batch size: steps mean something else now. Count the lr schedule in the new
         # steps from the last finished epoch, and restart an interrupted epoch from its beginning.
         log.warning(
-            "%s was saved with %d steps per epoch, this run has %d (world size or batch size changed): continuing "
-            "from the start of epoch %d (the lr schedule counts in the new steps)",
+            "%s was saved by %d processes with %d steps per epoch, this run has %d with %d (world size or batch "
+            "size changed): continuing from the start of epoch %d (the lr schedule counts in the new steps)",
             path,
+            saved_world,
             saved_steps,
+            info.world_size,
             steps_per_epoch,
             ckpt["epoch"] + 1,
         )
         epoch_step, global_step, meter = 0, ckpt["epoch"] * steps_per_epoch, None
+    saved_workers = ckpt.get("config", {}).get("data", {}).get("num_workers")
+    if epoch_step and num_workers is not None and saved_workers is not None and saved_workers != num_workers:
+        # The epoch's clips are dealt to rank x worker slots: with another worker count the rest of this epoch
+        # would be cut differently (clips repeated or missed), so the interrupted epoch starts again.
+        log.warning(
+            "%s was saved with %d loader workers per rank, this run has %d: restarting epoch %d from its beginning",
+            path,
+            saved_workers,
+            num_workers,
+            ckpt["epoch"] + 1,
+        )
+        metrics.truncate_after(global_step - epoch_step)
+        epoch_step, global_step, meter = 0, global_step - epoch_step, None
     log.info(
         "resuming %s at epoch %d, step %d of it (step %d overall)",
-        run_dir,
+        path.parent,
         ckpt["epoch"],
         epoch_step,
         global_step,
@@ -264,7 +473,7 @@ def fit(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] | N
     """Train (or resume) the run in `cfg.out`. `on_event(kind, data)`: "start", "step", "epoch", "eval"."""
     emit = on_event or (lambda _kind, _data: None)
     cfg.validate()
-    info = init_distributed(cfg.runtime.device)
+    info = init_distributed(cfg.runtime.device, timeout_s=cfg.runtime.dist_timeout_s)
     try:
         return _fit(cfg, info, emit)
     finally:
@@ -272,19 +481,30 @@ def fit(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] | N
 
 
 def _fit(cfg: TrainConfig, info: DistInfo, emit: Callable[[str, dict[str, Any]], None]) -> FitResult:
-    _seed_everything(cfg.runtime.seed)
+    _seed_everything(cfg.runtime.seed)  # the model's initial weights: the same on every rank
     train_loader, val_loader, source = build_loaders(cfg, info)
     classes = train_classes(source, cfg.train)
     model = build_model(cfg, classes, info)
     optimizer, base_lr = build_optimizer(cfg, model, info)
+    _seed_everything(rank_seed(cfg.runtime.seed, info.rank))  # dropout: each rank draws its own masks
     dtype = amp_dtype(cfg.runtime.amp, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=dtype == torch.float16)
     run_dir = cfg.out
-    metrics = MetricsLog(run_dir, enabled=info.is_main)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_dir / "config.json", cfg.to_dict() | {"classes": classes, "base_lr": base_lr})
-    state = _resume(run_dir, model, optimizer, scaler, metrics, steps_per_epoch=len(train_loader))
+    ckpt = _resume_checkpoint(cfg, info, classes, base_lr)
+    metrics = _on_main(info, "write the run folder", lambda: MetricsLog(run_dir)) or MetricsLog(run_dir, enabled=False)
+    steps = len(train_loader)
+    state = _resume(
+        ckpt,
+        model,
+        optimizer,
+        scaler,
+        metrics,
+        info=info,
+        steps_per_epoch=steps,
+        path=run_dir / "last.pt",
+        num_workers=cfg.data.num_workers,
+    )
+    del ckpt
     net: nn.Module = model
     if info.distributed:
         net = nn.parallel.DistributedDataParallel(
@@ -300,13 +520,13 @@ def _fit(cfg: TrainConfig, info: DistInfo, emit: Callable[[str, dict[str, Any]],
         channels_last=cfg.runtime.channels_last or (cfg.runtime.channels_last is None and info.device.type == "cuda"),
     )
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    set_lr = _lr_setter(cfg, optimizer, base_lr, len(train_loader))
+    set_lr = _lr_setter(cfg, optimizer, base_lr, steps)
     emit(
         "start",
         {
             "epochs": cfg.optim.epochs,
             "start_epoch": state.epoch,
-            "steps_per_epoch": len(train_loader),
+            "steps_per_epoch": steps,
             "world_size": info.world_size,
             "batch_size": cfg.data.batch_size,
             "base_lr": base_lr,
@@ -368,25 +588,35 @@ def _run_epoch(
     meter = Meter(**saved) if saved is not None and ctx.dist.is_main else Meter()
     epoch_start = state.global_step - skip
     every = cfg.runtime.checkpoint_every
+    steps = len(train_loader)
+
+    def save(at: FitState, *, best: bool, plots: bool) -> None:
+        # Every rank takes part (its own RNG state goes in the file); rank 0 writes.
+        rngs = all_gather_objects(rng_state(ctx.dist.device), ctx.dist)
+
+        def write() -> None:
+            ckpt = _checkpoint_state(model, optimizer, scaler, at, cfg, classes, steps_per_epoch=steps, rngs=rngs)
+            _save(cfg.out, ckpt, best=best)
+            if plots:
+                plot_run(cfg.out)
+
+        _on_main(ctx.dist, "save the checkpoint", write)
 
     def on_step(stats: dict[str, Any]) -> None:
         emit("step", stats | {"epoch": epoch})
         if (stats["step"] + 1) % cfg.runtime.log_every == 0:
             metrics.write({"kind": "train", "epoch": epoch, **stats})
         done = stats["step"] + 1 - epoch_start
-        if every and done % every == 0 and done < len(train_loader):
+        if every and done % every == 0 and done < steps:
             total = sum_meter(meter, ctx.dist)  # every rank takes part; rank 0 saves
-            if ctx.dist.is_main:
-                mid = FitState(
-                    epoch=epoch,
-                    global_step=stats["step"] + 1,
-                    best_top1=state.best_top1,
-                    epoch_step=done,
-                    epoch_meter={"sums": total.sums, "counts": total.counts},
-                )
-                steps = len(train_loader)
-                ckpt = _checkpoint_state(model, optimizer, scaler, mid, cfg, classes, steps_per_epoch=steps)
-                _save(cfg.out, ckpt, best=False)
+            mid = FitState(
+                epoch=epoch,
+                global_step=stats["step"] + 1,
+                best_top1=state.best_top1,
+                epoch_step=done,
+                epoch_meter={"sums": total.sums, "counts": total.counts},
+            )
+            save(mid, best=False, plots=False)
 
     summary = train_one_epoch(
         net,
@@ -410,16 +640,14 @@ def _run_epoch(
     evaluation = None
     is_eval_epoch = (epoch + 1) % cfg.runtime.eval_every == 0 or epoch + 1 == cfg.optim.epochs
     if val_loader is not None and is_eval_epoch:
-        out = evaluate(net, val_loader, ctx=ctx)
+        # The bare model, not the DDP wrapper: its first forward after training broadcasts BN buffers, a
+        # collective that a rank without validation shards (fewer shards than ranks) would never join.
+        out = evaluate(model, val_loader, ctx=ctx)
         evaluation = _eval_record(out, classes, epoch + 1, state.global_step)
         metrics.write(evaluation)
         emit("eval", evaluation)
     improved = evaluation is not None and evaluation["top1"] > state.best_top1
     if improved:
         state.best_top1 = evaluation["top1"]  # type: ignore[index]
-    if ctx.dist.is_main:
-        ckpt = _checkpoint_state(model, optimizer, scaler, state, cfg, classes, steps_per_epoch=len(train_loader))
-        _save(cfg.out, ckpt, best=improved)
-        plot_run(cfg.out)
-    barrier(ctx.dist)
+    save(state, best=improved, plots=True)
     return evaluation

@@ -146,7 +146,7 @@ def test_shape_mismatch_and_unreadable_files(official_r50, tmp_path):
     ):
         load_official(path)
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_official(path)
     torch.save([1, 2], path)
     with pytest.raises(CheckpointError, match="neither a state dict"):
@@ -171,12 +171,7 @@ def test_bare_state_dict_without_num_batches_tracked_and_compiled_prefix(officia
     ("cfg", "dataset"),
     [
         (ModelConfig(backbone="resnet18", num_segments=4, num_classes=174), "somethingv2"),
-        (
-            ModelConfig(
-                backbone="resnet18", num_segments=4, num_classes=10, shift_mode="unidirectional", shift_place="block"
-            ),
-            "mine",
-        ),
+        (ModelConfig(backbone="resnet18", num_segments=4, num_classes=10, shift_place="block"), "mine"),
         (ModelConfig(backbone="resnet34", num_segments=2, num_classes=27, shift_div=0), "jester"),
     ],
 )
@@ -276,8 +271,12 @@ def test_cfg_overrides(official_r50, tmp_path):
             ("jester", "resnet18", 8, "blockres", 8, 25, 27, []),
         ),
         (
-            "TSM_mydata_RGB_resnet34_shift8_blockres_avg_segment8_e5_unidir.pth",
-            ("mydata", "resnet34", 8, "blockres", 8, 5, None, ["unidir"]),
+            "TSM_mydata_RGB_resnet34_shift8_blockres_avg_segment8_e5_dense.pth",
+            ("mydata", "resnet34", 8, "blockres", 8, 5, None, ["dense"]),
+        ),
+        (  # the official MobileNetV2 ignores the place token: always conv[0] of the residual blocks
+            "TSM_jester_RGB_mobilenetv2_shift8_block_avg_segment8_e25.pth",
+            ("jester", "mobilenet_v2", 8, "blockres", 8, 25, 27, []),
         ),
     ],
 )
@@ -285,7 +284,7 @@ def test_parse_official_name(name, expected):
     parsed = parse_official_name(name)
     fields = ("dataset", "backbone", "shift_div", "shift_place", "num_segments", "epochs", "num_classes", "suffixes")
     assert tuple(parsed[f] for f in fields) == expected
-    assert parsed["shift_mode"] == ("unidirectional" if "unidir" in expected[-1] else "bidirectional")
+    assert parsed["shift_mode"] == "bidirectional"  # the only mode the official code has
 
 
 @pytest.mark.parametrize(
@@ -296,6 +295,8 @@ def test_parse_official_name(name, expected):
         ("TSM_kinetics_RGB_BNInception_avg_segment8_e45.pth", "arch"),
         ("TSM_kinetics_RGB_resnet50_shift8_blockres_tpool_avg_segment8_e50.pth", "temporal pool"),
         ("TSM_kinetics_RGB_resnet50_shift8_blockres_avg_segment8_e50_nl.pth", "non-local"),
+        ("TSM_somethingv2_RGB_resnet50_shift1_blockres_avg_segment8_e45.pth", "all channels from frame t\\+1"),
+        ("TSM_mydata_RGB_resnet34_shift8_blockres_avg_segment8_e5_unidir.pth", "runs this file as a bidirectional"),
     ],
 )
 def test_parse_official_name_rejects(name, match):
@@ -308,10 +309,95 @@ def test_official_name():
     assert official_name(ModelConfig(shift_div=0, num_segments=5), dataset="kinetics", epochs=50) == (
         "TSM_kinetics_RGB_resnet50_avg_segment5_e50.pth"
     )
-    uni = ModelConfig(backbone="mobilenet_v2", shift_mode="unidirectional", shift_div=1)
-    assert (
-        official_name(uni, dataset="jester", epochs=3)
-        == "TSM_jester_RGB_mobilenetv2_shift1_blockres_avg_segment8_e3_unidir.pth"
+    assert official_name(ModelConfig(shift_div=4, shift_place="block"), dataset="ssv2-mini", epochs=3) == (
+        "TSM_ssv2-mini_RGB_resnet50_shift4_block_avg_segment8_e3.pth"
     )
-    with pytest.raises(ConfigError, match="contain no '_'"):
+    with pytest.raises(ConfigError, match="--dataset 'mini_kinetics'"):
         official_name(ModelConfig(), dataset="mini_kinetics")
+
+
+@pytest.mark.parametrize("dataset", ["../../x", "a/b", "..", "", "x.pth", "/abs"])
+def test_dataset_names_never_leave_the_export_folder(dataset, tmp_path):
+    model = build_tsm(ModelConfig(backbone="resnet18", num_segments=2, num_classes=4))
+    out = tmp_path / "deep" / "er" / "out"
+    with pytest.raises(ConfigError, match="--dataset"):
+        export_official(model, out, dataset=dataset)
+    assert list(tmp_path.rglob("*")) == []
+
+
+@pytest.mark.parametrize(
+    ("cfg", "match"),
+    [
+        (ModelConfig(backbone="resnet18", shift_mode="unidirectional"), "no unidirectional shift"),
+        (ModelConfig(backbone="resnet18", shift_div=1), "all channels from frame t\\+1"),
+        (ModelConfig(backbone="mobilenet_v2", shift_place="block"), "always shifted 'blockres'"),
+        (ModelConfig(backbone="mobilenet_v2", shift_mode="unidirectional", shift_div=1), "no unidirectional"),
+    ],
+)
+def test_export_refuses_models_the_official_code_would_run_differently(cfg, match, tmp_path):
+    model = build_tsm(cfg)
+    with pytest.raises(CheckpointError, match=match):
+        export_official(model, tmp_path)
+    with pytest.raises(CheckpointError, match=match):
+        official_name(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _official_reference_shift1(x: torch.Tensor, t: int) -> torch.Tensor:
+    """The official `TemporalShift.shift` with n_div=1: fold = C, so every channel comes from t+1 (zeros at T-1)."""
+    x5 = x.view(-1, t, *x.shape[1:])
+    out = torch.zeros_like(x5)
+    out[:, :-1] = x5[:, 1:]
+    return out.view_as(x)
+
+
+def test_shift1_official_meaning_differs_from_ours_so_the_file_is_refused(official_r50, tmp_path):
+    """Why shift1 files are refused: our shift-div 1 network is another function than the official one."""
+    from ssv2prep.models.shift import TemporalShift
+
+    ours = TemporalShift(nn.Identity(), num_segments=4, fold_div=1, mode="bidirectional")
+    x = torch.randn(8, 6, 2, 2)
+    assert not torch.equal(ours(x), _official_reference_shift1(x, 4))
+    _, _, _, state = official_r50
+    path = tmp_path / R50_NAME.replace("shift8", "shift1")
+    torch.save({"state_dict": state}, path)  # the same keys: it would load, as another network
+    with pytest.raises(CheckpointError, match="shift1") as err:
+        load_official(path)
+    assert path.name in str(err.value) and "\n" not in str(err.value)
+
+
+def test_official_mobilenet_block_name_loads_as_the_official_code_builds_it(tmp_path):
+    torch.manual_seed(11)
+    cfg = ModelConfig(backbone="mobilenet_v2", num_segments=4, num_classes=27)
+    model = build_tsm(cfg).eval()
+    path = export_official(model, tmp_path, dataset="jester", epochs=25)
+    renamed = path.with_name(path.name.replace("_blockres_", "_block_"))
+    path.rename(renamed)
+    loaded, loaded_cfg = load_official(renamed)
+    assert loaded_cfg.shift_place == "blockres"
+    clips = torch.randn(1, 4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(clips), model(clips))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_corrupt_official_file_says_corrupt(official_r50, tmp_path, damage):
+    data = official_r50[0].read_bytes()
+    path = tmp_path / R50_NAME
+    path.write_bytes({"truncated": data[: len(data) // 3], "empty": b"", "garbage": b"\x80\x02garbage"}[damage])
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as err:
+        load_official(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    renamed = tmp_path / "weights.pth"  # a name we cannot parse: the corruption is still what is reported
+    path.rename(renamed)
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_official(renamed)
+
+
+def test_export_to_an_unwritable_folder_is_one_line_and_leaves_nothing(tmp_path):
+    model = build_tsm(ModelConfig(backbone="resnet18", num_segments=2, num_classes=174))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="cannot write") as err:
+        export_official(model, tmp_path / "file" / "sub")
+    assert str(tmp_path / "file" / "sub") in str(err.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["file"]

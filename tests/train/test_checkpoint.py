@@ -1,10 +1,12 @@
 """Checkpoints: atomic save, weights-only load, RNG round trip, clear errors."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fixtures import small_tmpfs
 
 from ssv2prep.errors import CheckpointError
 from ssv2prep.train.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -57,3 +59,36 @@ def test_incompatible_resume_names_the_difference() -> None:
             {"num_segments": 16, "backbone": "resnet50"},
             ("backbone", "num_segments"),
         )
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_the_old_file(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "disk", "256k") as disk:
+        save_checkpoint(disk / "last.pt", {"epoch": 1})
+        with pytest.raises(CheckpointError) as err:
+            save_checkpoint(disk / "last.pt", {"epoch": 2, "model": {"w": torch.zeros(256, 1024)}})  # 1 MiB
+        message = str(err.value)
+        assert message.startswith(f"{disk / 'last.pt'}: cannot write the checkpoint") and "full" in message
+        assert "\n" not in message and "inline_container" not in message
+        assert [p.name for p in disk.iterdir()] == ["last.pt"]  # no partial temp file left behind
+        assert load_checkpoint(disk / "last.pt")["epoch"] == 1
+
+
+def test_a_read_only_folder_is_one_clear_error(tmp_path: Path) -> None:
+    with (
+        small_tmpfs(tmp_path / "ro", "64k", read_only=True) as ro,
+        pytest.raises(CheckpointError, match=r"ro/run/last\.pt: cannot write the checkpoint \(Read-only"),
+    ):
+        save_checkpoint(ro / "run" / "last.pt", {"epoch": 1})
+
+
+def test_rng_state_of_a_process_round_trips_without_cuda_and_reads_old_files() -> None:
+    torch.manual_seed(5)
+    state = rng_state(torch.device("cpu"))
+    assert state["cuda_device"] is None  # only the device this process trains on would be saved
+    expected = torch.rand(2)
+    set_rng_state(state, torch.device("cpu"))
+    assert torch.equal(torch.rand(2), expected)
+    old = {**state, "cuda": []}  # an older file: the list of every GPU's state, which is not restored
+    del old["cuda_device"]
+    set_rng_state(old, torch.device("cpu"))
+    assert torch.equal(torch.rand(2), expected)

@@ -6,8 +6,10 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -18,9 +20,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from fixtures import small_tmpfs
 
 from ssv2prep.cli import main
 from ssv2prep.data.loader import DataConfig
+from ssv2prep.errors import ConfigError
 from ssv2prep.models.tsm import ModelConfig
 from ssv2prep.train.config import OptimConfig, RuntimeConfig, TrainConfig
 from ssv2prep.train.evaluation import EvalConfig, evaluate_checkpoint
@@ -191,10 +195,19 @@ def test_resume_with_another_batch_size_restarts_the_interrupted_epoch(
     smaller = TrainConfig(
         **{**{f: getattr(cfg, f) for f in ("train", "val", "out", "model", "optim", "runtime")}},
         data=DataConfig(**{**dataclasses.asdict(cfg.data), "batch_size": 2}),
+        allow_changes=True,
     )
+    saved = (out / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"other options \(data\.batch_size: 4 -> 2\).*--allow-changes"):
+        fit(dataclasses.replace(smaller, allow_changes=False))  # a changed option is refused before any step
+    assert (out / "last.pt").read_bytes() == saved and "history" not in json.loads((out / "config.json").read_text())
     with caplog.at_level(logging.WARNING, logger="ssv2prep.train.run"):
         fit(smaller)  # 6 steps per epoch now
-    assert "saved with 3 steps per epoch, this run has 6" in caplog.text
+    assert "changed options: data.batch_size: 4 -> 2" in caplog.text
+    assert "with 3 steps per epoch, this run has 1 with 6" in caplog.text
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["batch_size"] == 2
+    assert config["history"] == [{"epoch": 1, "global_step": 4, "changes": {"data.batch_size": [4, 2]}}]
     last = torch.load(out / "last.pt", weights_only=True)
     assert (last["epoch"], last["epoch_step"], last["global_step"], last["steps_per_epoch"]) == (2, 0, 12, 6)
     records = read_metrics(out / "metrics.jsonl")
@@ -203,16 +216,44 @@ def test_resume_with_another_batch_size_restarts_the_interrupted_epoch(
     assert [(r["epoch"], r["step"], r["steps"]) for r in records if r["kind"] == "epoch"] == [(1, 3, 3), (2, 12, 6)]
 
 
+def test_resume_with_another_worker_count_restarts_the_interrupted_epoch(
+    tiny_shards: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The epoch's clips are dealt to rank x worker slots, so the rest of an epoch cut for 1 worker is not the rest
+    of one cut for 2: the interrupted epoch starts again (same steps per epoch, so the schedule is unchanged)."""
+    out = tmp_path / "run"
+    cfg = tiny_config(tiny_shards, out, epochs=2)
+    cfg = TrainConfig(
+        **{**{f: getattr(cfg, f) for f in ("train", "val", "out", "model", "optim")}},
+        data=DataConfig(**{**dataclasses.asdict(cfg.data), "num_workers": 0}),
+        runtime=RuntimeConfig(device="cpu", log_every=1, checkpoint_every=1),
+    )
+
+    def crash_at_step_4(kind: str, data: dict) -> None:
+        if kind == "step" and data["step"] == 4:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        fit(cfg, on_event=crash_at_step_4)
+    more = dataclasses.replace(cfg, data=DataConfig(**{**dataclasses.asdict(cfg.data), "num_workers": 2}))
+    with caplog.at_level(logging.WARNING, logger="ssv2prep.train.run"):
+        fit(more)
+    assert "saved with 0 loader workers per rank, this run has 2: restarting epoch 2" in caplog.text
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(6))  # steps 3-5 run once, anew
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert (last["epoch"], last["epoch_step"], last["global_step"]) == (2, 0, 6)
+
+
 def test_nan_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tiny_shards: Path, tmp_path: Path) -> None:
     out = tmp_path / "nan"
     fit(tiny_config(tiny_shards, out, epochs=1))
     good = (out / "last.pt").read_bytes()
     with pytest.raises(NonFiniteLossError, match="epoch 1"):
-        fit(tiny_config(tiny_shards, out, epochs=2, lr=1e30))
+        fit(dataclasses.replace(tiny_config(tiny_shards, out, epochs=2, lr=1e30), allow_changes=True))
     assert (out / "last.pt").read_bytes() == good
-    result = CliRunner().invoke(
-        main, ["train", "--data", str(tiny_shards), "--out", str(out), "--epochs", "2", *train_args(lr=1e30)]
-    )
+    args = ["train", "--data", str(tiny_shards), "--out", str(out), "--epochs", "2", "--lr-steps", ""]
+    result = CliRunner().invoke(main, [*args, "--allow-changes", *train_args(lr=1e30)])
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: the loss became")
 
@@ -422,3 +463,243 @@ def test_trained_sizes_come_from_the_checkpoint_unless_given(trained: Path, tmp_
     assert trained_sizes(tmp_path / "absent.pt", 64, 72) == (64, 72)  # both given: the file is not read
     (tmp_path / "other.pt").write_bytes(b"not a checkpoint")
     assert not is_ours(tmp_path / "other.pt") and trained_sizes(tmp_path / "other.pt") == (224, 256)
+
+
+@pytest.mark.slow
+def test_torchrun_evaluates_when_a_rank_has_no_validation_shard(tiny_shards: Path, tmp_path: Path) -> None:
+    """One validation shard for two ranks: rank 1 has nothing to score and must not hang the other one (it did
+    through the DDP wrapper, whose first forward after training broadcasts BN buffers)."""
+    out = tmp_path / "run"
+    one_shard = str(tiny_shards / "ssv2-validation-000000.tar")
+    args = ("--val-index", str(tiny_shards / "ssv2-validation.json"), "--epochs", "1", *train_args(batch_size=2))
+    cmd = torchrun_command(
+        "train", "--train", str(tiny_shards / "ssv2-train.json"), "--val", one_shard, "--out", str(out), *args
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["videos"] for r in evals] == [3]  # the one shard's 3 videos, scored by rank 0 alone
+    last = torch.load(out / "last.pt", weights_only=True)
+    # each rank's own RNG state is saved (they were seeded apart: their dropout masks differ)
+    assert last["world_size"] == 2 and len(last["rng"]) == 2
+    assert not torch.equal(last["rng"][0]["torch"], last["rng"][1]["torch"])
+
+
+def launch_ranks(per_rank_args: list[list[str]], *, cwd: Path, timeout_s: float = 120) -> list[tuple[int, str]]:
+    """Start one `ssv2prep` process per rank with the environment torchrun would give, but no torchrun agent:
+    like ranks on separate nodes, nothing stops the others when one fails. Returns (exit code, stderr) per rank;
+    fails the test (after killing them) when a rank is still running after `timeout_s`."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank, args in enumerate(per_rank_args):
+        env = os.environ | {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(len(per_rank_args)),
+            "RANK": str(rank),
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "1",
+        }
+        cmd = [sys.executable, "-m", "ssv2prep", *args]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+        )
+    deadline = time.monotonic() + timeout_s
+    results = []
+    try:
+        for proc in procs:
+            _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((proc.returncode, err))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        pytest.fail(f"a rank was still running after {timeout_s} s (it waits for one that failed or diverged)")
+    return results
+
+
+def _train_only_args(tiny_shards: Path, out: Path, epochs: int) -> list[str]:
+    return [
+        "train",
+        "--train",
+        str(tiny_shards / "ssv2-train.json"),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--lr-steps",
+        "",
+        *train_args(batch_size=2),
+    ]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_rank_0_cannot_write_stops_every_rank_with_one_line(
+    tiny_shards: Path, tmp_path: Path
+) -> None:
+    with small_tmpfs(tmp_path / "disk", "2m") as disk:  # room for config.json and metrics, not a checkpoint
+        out = disk / "run"
+        results = launch_ranks([_train_only_args(tiny_shards, out, 1)] * 2, cwd=tmp_path)
+        left = sorted(p.name for p in out.iterdir())
+    (rc0, err0), (rc1, err1) = results
+    assert rc0 == 1 and "Traceback" not in err0
+    assert err0.strip().splitlines()[-1].startswith(f"error: {out / 'last.pt'}: cannot write the checkpoint (")
+    assert rc1 == 1 and "Traceback" not in err1
+    assert (
+        err1.strip().splitlines()[-1]
+        == "error: rank 0 failed to save the checkpoint (its error is in its log); stopping"
+    )
+    assert "last.pt" not in left and not [n for n in left if n.endswith(".tmp")]  # no partial checkpoint
+
+
+@pytest.mark.slow
+def test_ranks_resume_what_rank_0_has_even_when_their_own_disk_differs(tiny_shards: Path, tmp_path: Path) -> None:
+    """Per-node disks: rank 1's run folder has no checkpoint, rank 0's has epoch 1. Both resume rank 0's."""
+    shared = tmp_path / "node0"
+    results = launch_ranks([_train_only_args(tiny_shards, shared, 1)] * 2, cwd=tmp_path)
+    assert [rc for rc, _ in results] == [0, 0], results[0][1][-2000:]
+    own = tmp_path / "node1"
+    own.mkdir()
+    results = launch_ranks(
+        [_train_only_args(tiny_shards, shared, 2), _train_only_args(tiny_shards, own, 2)], cwd=tmp_path
+    )
+    assert [rc for rc, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    last = torch.load(shared / "last.pt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, 6)
+    assert [r["step"] for r in read_metrics(shared / "metrics.jsonl") if r["kind"] == "train"] == list(range(6))
+    assert f"rank 1 sees no checkpoint at {own / 'last.pt'}" in results[1][1]
+    assert " INFO " not in results[1][1] and " INFO " in results[0][1]  # only rank 0 logs below WARNING
+    assert list(own.iterdir()) == []  # rank 1 writes nothing
+
+
+# ---------------------------------------------------------------------------------- decisions behind fit (no GPU)
+
+
+@pytest.mark.parametrize(
+    ("mode", "device_type", "bf16_native", "expected"),
+    [
+        ("auto", "cuda", True, torch.bfloat16),  # A100, H100: native bf16
+        ("auto", "cuda", False, torch.float16),  # V100, T4: bf16 only emulated (slow), so fp16 + loss scaler
+        ("bf16", "cuda", False, torch.bfloat16),  # asked for explicitly: given
+        ("fp16", "cuda", True, torch.float16),
+        ("off", "cuda", True, None),
+        ("auto", "cpu", True, None),
+    ],
+)
+def test_amp_auto_picks_bf16_only_where_the_gpu_has_it(mode, device_type, bf16_native, expected) -> None:
+    from ssv2prep.train.run import choose_amp_dtype
+
+    assert choose_amp_dtype(mode, device_type, bf16_native=bf16_native) == expected
+
+
+def test_each_rank_draws_its_own_dropout_masks_from_a_seed_apart_from_the_init_one() -> None:
+    from ssv2prep.train.run import rank_seed
+
+    seeds = [rank_seed(0, rank) for rank in range(64)]
+    assert len(set(seeds)) == 64 and 0 not in seeds and seeds == [rank_seed(0, r) for r in range(64)]
+    masks = []
+    for seed in seeds[:2]:
+        torch.manual_seed(seed)
+        masks.append(torch.nn.functional.dropout(torch.ones(1000), 0.5))
+    assert not torch.equal(masks[0], masks[1])
+
+
+def test_a_resume_under_another_amp_gets_a_fresh_loss_scaler(caplog: pytest.LogCaptureFixture) -> None:
+    from ssv2prep.train.run import _load_scaler
+
+    saved_off = torch.amp.GradScaler("cpu", enabled=False).state_dict()  # --amp off / bf16: an empty state
+    fp16 = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0**16)
+    with caplog.at_level(logging.WARNING, logger="ssv2prep.train.run"):
+        _load_scaler(fp16, saved_off)  # GradScaler.load_state_dict raises a RuntimeError on this
+    assert "another --amp" in caplog.text and fp16.get_scale() == 2.0**16
+    saved_fp16 = torch.amp.GradScaler("cpu", enabled=True, init_scale=8.0).state_dict()
+    _load_scaler(fp16, saved_fp16)
+    assert fp16.get_scale() == 8.0
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    _load_scaler(off, saved_fp16)  # fp16 -> off: the saved scale is simply unused
+    assert not off.is_enabled()
+
+
+def test_config_changes_lists_every_changed_option_by_dotted_name(tiny_shards: Path, tmp_path: Path) -> None:
+    from ssv2prep.train.run import config_changes
+
+    a = tiny_config(tiny_shards, tmp_path / "a")
+    b = dataclasses.replace(
+        a,
+        optim=dataclasses.replace(a.optim, lr=0.02),
+        model=dataclasses.replace(a.model, dropout=0.3),
+    )
+    assert config_changes(a.to_dict(), b.to_dict()) == {"model.dropout": [0.0, 0.3], "optim.lr": [0.01, 0.02]}
+    assert config_changes(a.to_dict(), a.to_dict()) == {}
+
+
+def _reordered_val(tiny_shards: Path, tmp_path: Path, classes: list[str]) -> Path:
+    """A copy of the shard folder whose validation index names another class list (`val-classes.json`)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    (shards / "val-classes.json").write_text(json.dumps(classes))
+    index = json.loads((shards / "ssv2-validation.json").read_text())
+    (shards / "ssv2-validation.json").write_text(json.dumps({**index, "classes": "val-classes.json"}))
+    return shards
+
+
+@pytest.mark.parametrize("how", ["reordered", "more"])
+def test_val_with_other_classes_stops_before_the_first_step(tiny_shards: Path, tmp_path: Path, how: str) -> None:
+    classes = json.loads((tiny_shards / "classes.json").read_text())
+    other = classes[::-1] if how == "reordered" else [*classes, "Pretending to be a fifth class"]
+    shards = _reordered_val(tiny_shards, tmp_path, other)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--data", str(shards), "--out", str(out), *train_args()])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --val and --train label different classes")
+    assert str(shards / "val-classes.json") in line and str(shards / "classes.json") in line
+    assert ("another order (label 0" in line) if how == "reordered" else ("4 vs 5 classes" in line)
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_a_read_only_out_is_one_line_naming_it(tiny_shards: Path, tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "ro", "64k", read_only=True) as ro:
+        args = ["train", "--data", str(tiny_shards), "--out", str(ro / "run"), "--epochs", "1", *train_args()]
+        result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {ro / 'run'}: cannot write the run folder (Read-only file system)"
+    )
+
+
+def test_off_a_terminal_progress_is_plain_lines_and_the_log_file_json(tiny_shards: Path, tmp_path: Path) -> None:
+    log_file = tmp_path / "logs" / "train.jsonl"
+    out = tmp_path / "run"
+    args = [*train_args(), "--log-every", "2"]  # the later --log-every wins
+    cmd = [sys.executable, "-m", "ssv2prep", "train", "--data", str(tiny_shards), "--out", str(out), "--epochs", "1"]
+    proc = subprocess.run([*cmd, *args, "--log-file", str(log_file)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    # a line every 2 steps and at the end of the epoch (3 steps), each a whole record on one line
+    steps = [line for line in lines if " INFO epoch 1/1 step " in line]
+    assert [line.split(" step ")[1].split()[0] for line in steps] == ["2/3", "3/3"], lines
+    for field in ("loss ", "lr ", "clips/s", "data ", "eta "):
+        assert all(field in line for line in steps), field
+    start = [line for line in lines if "training on cpu x 1" in line]
+    assert len(start) == 1 and start[0].rstrip().endswith("epochs 1..1") and len(start[0]) > 80  # not wrapped
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    by_event = {}
+    for r in records:
+        by_event.setdefault(r.get("event"), []).append(r)
+    assert [r["epoch_step"] for r in by_event["step"]] == [2, 3]
+    assert by_event["step"][0]["loss"] == pytest.approx(dict(train_losses(out))[1])  # step index 1
+    assert [r["epoch"] for r in by_event["epoch"]] == [1] and by_event["eval"][0]["videos"] == 4
+    assert by_event["start"][0]["steps_per_epoch"] == 3
