@@ -669,9 +669,9 @@ def export(checkpoint: Path, out_dir: Path | None, dataset: str) -> None:
 @click.option(
     "--classes",
     "classes_file",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
     default=None,
-    help="classes.json or labels.json (needed for official checkpoints).",
+    help="classes.json, labels.json or a shard index (ssv2-train.json), a path or s3:// URL (needed for official "
+    "checkpoints).",
 )
 @click.option("--crops", type=click.Choice(["1", "3", "5", "10"]), default="1", show_default=True)
 @click.option("--clips", type=click.Choice(["1", "2"]), default="1", show_default=True)
@@ -683,7 +683,7 @@ def export(checkpoint: Path, out_dir: Path | None, dataset: str) -> None:
 def predict(
     checkpoint: Path,
     videos: tuple[Path, ...],
-    classes_file: Path | None,
+    classes_file: str | None,
     crops: str,
     clips: str,
     scale_size: int | None,
@@ -743,7 +743,7 @@ def _predict_online(
     predict_online: Any,
     checkpoint: Path,
     videos: tuple[Path, ...],
-    classes_file: Path | None,
+    classes_file: str | None,
     scale_size: int | None,
     crop_size: int | None,
     device: str,

@@ -242,6 +242,11 @@ def _read_classes(index_url: str, index: dict[str, Any]) -> tuple[str, ...] | No
     return classes
 
 
+def index_classes(index_url: str, index: dict[str, Any]) -> tuple[str, ...] | None:
+    """The classes of a parsed index read from `index_url` (local path or URL), as `resolve_source` finds them."""
+    return _read_classes(_local_path(index_url), index)
+
+
 def _local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 

@@ -193,3 +193,24 @@ def test_eval_refuses_an_index_whose_classes_disagree_with_the_head(
     )  # fmt: skip
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "ssv2-validation.json: the index has 5 classes but the checkpoint predicts 4" in result.stderr
+
+
+@pytest.mark.slow  # needs the trained run
+def test_predict_reads_class_names_from_an_s3_index(
+    prefix: str, s3, local_run: Path, synth_tiny, tiny_shards: Path
+) -> None:
+    video = str(synth_tiny.videos_dir / "1.webm")
+    names = json.loads((tiny_shards / "classes.json").read_text())
+    result = CliRunner().invoke(
+        main, ["predict", str(local_run / "best.pt"), video, "--classes", f"{prefix}/ssv2-train.json"]
+    )
+    assert result.exit_code == 0, result.output
+    printed = [line.strip().split("  ")[0].split(". ", 1)[1] for line in result.stdout.splitlines() if "%" in line]
+    assert len(printed) == 4 and sorted(printed) == sorted(names)
+    bare_prefix = f"s3://{s3.new_bucket()}/bare"
+    index = json.loads((tiny_shards / "ssv2-train.json").read_text())
+    bare = {k: v for k, v in index.items() if k != "class_names"}
+    storage.write_bytes(f"{bare_prefix}/ssv2-train.json", json.dumps(bare).encode())
+    failed = Failed("predict", str(local_run / "best.pt"), video, "--classes", f"{bare_prefix}/ssv2-train.json")
+    assert failed.returncode != 0
+    assert f"--classes {bare_prefix}/ssv2-train.json: the index does not carry its classes" in failed.stderr
