@@ -164,6 +164,10 @@ def test_a_range_read_through_the_cache_keeps_the_whole_shard(bucket: str, tiny_
     check = ShardCheck(src.filesizes[2], src.md5sums[2])  # type: ignore[index]
     cache = CacheConfig(tmp_path / "cache", 1 << 30)
     full = list(iter_samples(url))
+    local_samples = list(iter_samples(str(tiny_shards / Path(url).name)))
+    assert len(full) == 3 and [(x.key, x.members) for x in full] == [(x.key, x.members) for x in local_samples]
+    assert list(iter_samples(url, start=1, stop=3)) == full[1:3]  # skipping by seeking in the object
+    assert not cache.root.exists()
     assert list(iter_samples(url, start=1, stop=2, cache=cache, check=check)) == full[1:2]
     assert entry_path(cache.root, url).read_bytes() == (tiny_shards / Path(url).name).read_bytes()
     assert list(iter_samples(url, start=0, stop=2, cache=cache, check=check)) == full[:2]  # a hit, sliced
