@@ -124,8 +124,8 @@ def build_loaders(cfg: TrainConfig, info: DistInfo) -> tuple[Any, Any, Any]:
     train_classes(source, cfg.train)
     val_source = resolve_source(cfg.val, index=cfg.val_index) if cfg.val else None
     if val_source is not None:
-        check_val_num_classes(source, val_source, cfg.val or "")
         check_same_classes(source, val_source)
+        check_val_num_classes(source, val_source, cfg.val or "")
     train = build_train_loader(source, cfg.data, rank=info.rank, world_size=info.world_size, seed=cfg.runtime.seed)
     val = None
     if val_source is not None:
