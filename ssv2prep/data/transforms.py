@@ -18,6 +18,7 @@ ImageNet mean/std happens on the training device in `normalize_clips`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -215,6 +216,15 @@ def eval_views(
     return stack_channels_last(views)
 
 
+@functools.lru_cache(maxsize=8)
+def _normalize_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 / (255 std), mean / std) as (3, 1, 1) float32 tensors on `device`, made once per device: building them
+    from Python numbers every step is a blocking host-to-device copy."""
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    return (1.0 / (255.0 * std)).to(device), (mean / std).to(device)
+
+
 def normalize_clips(clips: torch.Tensor, device: torch.device, *, channels_last: bool = False) -> torch.Tensor:
     """uint8 RGB clips `(..., 3, H, W)` -> float32 on `device`: `(x / 255 - mean) / std` with ImageNet mean/std.
 
@@ -225,12 +235,11 @@ def normalize_clips(clips: torch.Tensor, device: torch.device, *, channels_last:
     if clips.dtype != torch.uint8:
         raise TypeError(f"normalize_clips expects uint8 clips (got {clips.dtype})")
     x = clips.to(device, non_blocking=True)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(3, 1, 1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(3, 1, 1)
+    scale, shift = _normalize_constants(device)
     if channels_last:
         height, width = x.shape[-2:]
         out = torch.empty((*x.shape[:-3], height, width, 3), dtype=torch.float32, device=device).movedim(-1, -3)
     else:
         out = torch.empty(x.shape, dtype=torch.float32, device=device)
     out.copy_(x)  # one kernel converts dtype and layout, whatever layout the uint8 clips have
-    return out.mul_(1.0 / (255.0 * std)).sub_(mean / std)
+    return out.mul_(scale).sub_(shift)

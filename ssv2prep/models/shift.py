@@ -124,7 +124,9 @@ def _shift_once(x: torch.Tensor, num_segments: int, from_next: int, from_prev: i
     preserve the strides of the dense `(N, T, C, H, W)` view, and merging its first two dimensions back is a view.
     """
     x5 = _clip_view(x, num_segments)
-    if from_next and from_prev and x5.numel() < SMALL_TENSOR_NUMEL:
+    # Under torch.compile one path for every size: a size-dependent branch would add a guard (and a recompile)
+    # for every tensor size it sees; the compiler fuses the launches the small path saves anyway.
+    if from_next and from_prev and x5.numel() < SMALL_TENSOR_NUMEL and not torch.compiler.is_compiling():
         return _zeros_then_copy(x5, from_next, from_prev, reverse=reverse).view(x.shape)
     out = torch.empty_like(x5)
     _fill_shifted(out, x5, 0, from_next, step=-1 if reverse else 1)

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import os
+import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -235,24 +236,84 @@ def class_list_source(source: Any) -> str:
     return f"{name} beside {index_url}"
 
 
-def confusion_png(cm: np.ndarray, title: str) -> bytes:
-    """A confusion-matrix heat map (rows: true class, columns: predicted) as PNG bytes."""
-    import matplotlib
+CONFUSION_NAMES_UP_TO = 40  # class names on the heat map's axes up to this many classes; indices above
+MOST_CONFUSED = 25  # pairs listed in most_confused.csv / .png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    size = min(12.0, 3.0 + cm.shape[0] * 0.08)
-    fig, ax = plt.subplots(figsize=(size, size))
+def confusion_figure(cm: np.ndarray, classes: list[str], title: str) -> Any:
+    """A row-normalised confusion heat map (rows: true class, columns: predicted) with its colour bar, as a
+    matplotlib Figure. Class names label the axes up to `CONFUSION_NAMES_UP_TO` classes, indices beyond."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    k = cm.shape[0]
+    named = k <= CONFUSION_NAMES_UP_TO
+    size = min(14.0, 4.0 + k * (0.3 if named else 0.06))
+    fig = Figure(figsize=(size + (2.0 if named else 1.0), size + (1.5 if named else 0.0)), dpi=90, layout="constrained")
+    ax = fig.add_subplot()
     rows = np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    ax.imshow(cm / rows, cmap="viridis", vmin=0, vmax=1)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
+    image = ax.imshow(cm / rows, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("share of the true class (each row sums to 1)")
+    if named:
+        names = [textwrap.shorten(c, 45, placeholder="...") for c in classes]
+        ax.set_xticks(range(k), names, rotation=90, fontsize=8)
+        ax.set_yticks(range(k), names, fontsize=8)
+    else:
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    ax.set_xlabel("predicted class" + ("" if named else " (index)"))
+    ax.set_ylabel("true class" + ("" if named else " (index)"))
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=10)
+    return fig
+
+
+def most_confused(cm: np.ndarray, classes: list[str], limit: int = MOST_CONFUSED) -> list[dict[str, Any]]:
+    """The off-diagonal cells with the largest share of their true class, largest first (ties: more videos first):
+    `true`, `predicted` (names), `videos`, `percent` of the true class's videos."""
+    rows = cm.sum(axis=1)
+    cells = [
+        (cm[t, p] / rows[t], int(cm[t, p]), t, p)
+        for t in range(cm.shape[0])
+        for p in range(cm.shape[1])
+        if t != p and cm[t, p] > 0
+    ]
+    cells.sort(key=lambda c: (-c[0], -c[1], c[2], c[3]))
+    return [
+        {"true": classes[t], "predicted": classes[p], "videos": n, "percent": round(100 * share, 2)}
+        for share, n, t, p in cells[:limit]
+    ]
+
+
+def most_confused_figure(pairs: list[dict[str, Any]], title: str) -> Any:
+    """Horizontal bars "true -> predicted", length = % of the true class's videos, value on every bar."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 1.2 + 0.32 * max(1, len(pairs))), dpi=90)
+    ax = fig.add_subplot()
+    labels = [f"{p['true']} -> {p['predicted']}" for p in pairs]
+    bars = ax.barh(range(len(pairs)), [p["percent"] for p in pairs], color="tab:red")
+    ax.bar_label(bars, labels=[f"{p['percent']:.1f}% ({p['videos']})" for p in pairs], fontsize=8)
+    ax.set_yticks(range(len(pairs)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max([p["percent"] for p in pairs], default=1) * 1.2)
+    ax.set_xlabel("% of the true class's videos predicted as the other class (videos)")
     ax.set_title(title)
-    buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
+    return fig
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _most_confused_csv(pairs: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["true", "predicted", "videos", "percent_of_true"])
+    writer.writerows([p["true"], p["predicted"], p["videos"], p["percent"]] for p in pairs)
     return buf.getvalue()
 
 
@@ -352,9 +413,17 @@ def _report_files(
         "predictions": str(predictions) if predictions else None,
         "settings": rows,
     }
+    row = rows[0]
+    title = (
+        f"{cfg.checkpoint.name} on {cfg.data.rstrip('/').rsplit('/', 1)[-1]}: top-1 {m.top1:.1f}% of "
+        f"{m.num_videos} videos, {row['crops']} crop x {row['clips']} clip"
+    )
+    pairs = most_confused(m.confusion, classes)
     files = [
         (cfg.out / "confusion.npy", npy.getvalue(), "--out"),
-        (cfg.out / "confusion.png", confusion_png(m.confusion, f"{cfg.checkpoint.name}"), "--out"),
+        (cfg.out / "confusion.png", _png(confusion_figure(m.confusion, classes, title)), "--out"),
+        (cfg.out / "most_confused.csv", _most_confused_csv(pairs).encode(), "--out"),
+        (cfg.out / "most_confused.png", _png(most_confused_figure(pairs, f"most confused pairs ({title})")), "--out"),
         (cfg.out / "per_class.csv", _per_class_csv(m, classes).encode(), "--out"),
     ]
     if predictions is not None:

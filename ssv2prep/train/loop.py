@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from torch import nn
 
 from ssv2prep.errors import Ssv2PrepError
 from ssv2prep.train.dist import DistInfo, all_gather_objects, all_reduce_sum
-from ssv2prep.train.metrics import Meter, topk_correct
+from ssv2prep.train.metrics import Meter, top_hits
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +52,26 @@ def _to_device(batch: Any, ctx: StepContext) -> tuple[torch.Tensor, torch.Tensor
     return x, batch.labels.to(ctx.dist.device, non_blocking=True)
 
 
-def _check_finite(loss: torch.Tensor, ctx: StepContext, *, epoch: int, step: int) -> None:
-    # Every rank must agree, or the ranks that carry on would wait forever for the one that stopped.
-    bad = all_reduce_sum(torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0]), ctx.dist)
-    if bad.item() > 0:
+def _step_values(
+    loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, ctx: StepContext, *, epoch: int, step: int
+) -> tuple[float, int, int]:
+    """(loss, top-1 hits, top-5 hits) of a step, read back from the device in one transfer, with every rank's
+    finite check folded in: the step's only host sync.
+
+    Raises:
+        NonFiniteLossError: the loss is NaN or infinite on any rank (every rank must agree, or the ranks that
+            carry on would wait forever for the one that stopped).
+    """
+    loss = loss.detach().float()
+    hits = top_hits(logits.detach().float(), y)
+    bad = all_reduce_sum((~torch.isfinite(loss)).float().view(1), ctx.dist)
+    values = torch.cat([loss.view(1), hits.float(), bad.to(loss.device)]).tolist()
+    if values[3] > 0:
         raise NonFiniteLossError(
-            f"the loss became {loss.item()} at epoch {epoch}, step {step}; stopping (the last good checkpoint is "
+            f"the loss became {values[0]} at epoch {epoch}, step {step}; stopping (the last good checkpoint is "
             "kept). Try a lower --lr, --clip-grad, or --amp off"
         )
+    return values[0], int(values[1]), int(values[2])
 
 
 def _optimizer_step(loss: torch.Tensor, model: nn.Module, optimizer: Any, scaler: Any, ctx: StepContext) -> None:
@@ -104,14 +115,13 @@ def train_one_epoch(
         with autocast(ctx):
             logits = model(x)
             loss = criterion(logits.float(), y)
-        _check_finite(loss, ctx, epoch=epoch, step=step)
+        loss_value, top1, top5 = _step_values(loss, logits, y, ctx, epoch=epoch, step=step)
         _optimizer_step(loss, model, optimizer, scaler, ctx)
-        top1, top5 = topk_correct(logits.detach().float(), y)
         n = y.shape[0]
         t_end = time.perf_counter()
         stats = {
             "step": step,
-            "loss": loss.item(),
+            "loss": loss_value,
             "top1": 100 * top1 / n,
             "top5": 100 * top5 / n,
             "lr": lr,

@@ -11,14 +11,20 @@ import numpy as np
 import torch
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
-    """How many rows of `logits` (N, K) have their label among the top-k scores, for each k (k capped at K)."""
+def top_hits(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """How many rows of `logits` (N, K) have their label among the top-k scores, for each k (k capped at K), as an
+    int64 tensor `(len(ks),)` on the logits' device (no host sync)."""
     if logits.shape[0] == 0:
-        return [0 for _ in ks]
+        return torch.zeros(len(ks), dtype=torch.int64, device=logits.device)
     maxk = min(max(ks), logits.shape[1])
     top = logits.topk(maxk, dim=1).indices  # (N, maxk), best first
     hits = top.eq(labels.view(-1, 1))
-    return [int(hits[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
+    return torch.stack([hits[:, : min(k, maxk)].any(dim=1).sum() for k in ks])
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """`top_hits` read back as Python ints."""
+    return [int(v) for v in top_hits(logits, labels, ks).tolist()]
 
 
 def confusion_matrix(preds: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

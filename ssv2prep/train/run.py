@@ -512,6 +512,8 @@ def _fit(cfg: TrainConfig, info: DistInfo, emit: Callable[[str, dict[str, Any]],
         )
     if cfg.runtime.compile:
         net = torch.compile(net)  # type: ignore[assignment]
+    if info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # training clips have one fixed size: let cuDNN pick its fastest kernels
     ctx = StepContext(
         dist=info,
         amp_dtype=dtype,

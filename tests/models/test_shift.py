@@ -298,3 +298,21 @@ def test_shift_bench_rejects_a_non_integer_list():
     result = CliRunner().invoke(main, ["bench", "shift", "--batch-sizes", "1,eight"])
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     assert "--batch-sizes" in result.stderr and "'1,eight'" in result.stderr
+
+
+def test_compiled_shift_takes_one_path_at_every_size() -> None:
+    """Under torch.compile small inputs take the write-once path too (no size-dependent branch to guard on), with
+    the reference values."""
+    graphs: list[str] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: temporal_shift(x, 4, 8), backend=recording_backend, dynamic=False)
+    small = torch.randn(8, 16, 4, 4)
+    assert small.numel() < SMALL_TENSOR_NUMEL
+    for x in (small, torch.randn(8, 64, 32, 32)):
+        torch.testing.assert_close(fn(x), temporal_shift(x, 4, 8))
+    assert len(graphs) == 2 and all("empty_like" in g and "zeros" not in g for g in graphs)
