@@ -74,6 +74,35 @@ def _train_sources(data: Path | None, train: str | None, val: str | None) -> tup
     return train, val
 
 
+def _cache_options(f: Any) -> Any:
+    """The shard cache options of train and eval (used only for streamed shards: s3://, gs://, http, pipe:)."""
+    options = [
+        click.option(
+            "--cache-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Keep verified local copies of streamed shards here: epoch 1 streams, later epochs read the disk.",
+        ),
+        click.option("--cache-size", default="100G", show_default=True, help="Bound of --cache-dir (LRU eviction)."),
+        click.option(
+            "--cache-verify",
+            type=click.Choice(["md5", "size"]),
+            default="md5",
+            show_default=True,
+            help="How a cached copy is checked against the index before use.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _cache_fields(cache_dir: Path | None, cache_size: str, cache_verify: str) -> dict[str, Any]:
+    from ssv2prep.data.cache import parse_size
+
+    return {"cache_dir": cache_dir, "cache_size_bytes": parse_size(cache_size), "cache_verify": cache_verify}
+
+
 def _is_main_process() -> bool:
 
     return os.environ.get("RANK", "0") == "0"
@@ -99,6 +128,7 @@ def _is_main_process() -> bool:
 @click.option("--dense", is_flag=True, help="Dense sampling (64-frame window) instead of segments.")
 @click.option("--flip", is_flag=True, help="Horizontal flip with the label swap of the index's flip_pairs.")
 @click.option("--gpu-decode", is_flag=True, help="Decode JPEGs on the GPU (nvjpeg via torchvision); CUDA only.")
+@_cache_options
 @click.option("--epochs", type=int, default=50, show_default=True)
 @click.option("--lr", type=float, default=0.01, show_default=True, help="Per 64 clips of total batch.")
 @click.option("--no-lr-scaling", is_flag=True, help="Use --lr as is instead of scaling it by total batch / 64.")
@@ -204,6 +234,7 @@ def _train_config(opts: dict[str, Any]) -> Any:
         gpu_decode=opts["gpu_decode"],
         batch_size=opts["batch_size"],
         num_workers=workers,
+        **_cache_fields(opts["cache_dir"], opts["cache_size"], opts["cache_verify"]),
     )
     optim = OptimConfig(
         epochs=opts["epochs"],
@@ -502,6 +533,7 @@ def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, in
     is_flag=True,
     help="Autocast on CUDA (bf16 where supported, else fp16). Default: fp32, the official test's arithmetic.",
 )
+@_cache_options
 def eval_cmd(
     checkpoint: Path,
     data_spec: str,
@@ -521,6 +553,9 @@ def eval_cmd(
     predictions: Path | None,
     device: str,
     amp: bool,
+    cache_dir: Path | None,
+    cache_size: str,
+    cache_verify: str,
 ) -> None:
     """Evaluate a checkpoint on a held-out split: top-1/top-5, per-class, confusion, seconds per video.
 
@@ -558,6 +593,7 @@ def eval_cmd(
         predictions=predictions,
         device=device,
         amp="auto" if amp else "off",
+        **_cache_fields(cache_dir, cache_size, cache_verify),
     )
     with progress_bars() as progress:
         task = progress.add_task("evaluating", total=None, rate="")
@@ -633,9 +669,9 @@ def export(checkpoint: Path, out_dir: Path | None, dataset: str) -> None:
 @click.option(
     "--classes",
     "classes_file",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
     default=None,
-    help="classes.json or labels.json (needed for official checkpoints).",
+    help="classes.json, labels.json or a shard index (ssv2-train.json), a path or s3:// URL (needed for official "
+    "checkpoints).",
 )
 @click.option("--crops", type=click.Choice(["1", "3", "5", "10"]), default="1", show_default=True)
 @click.option("--clips", type=click.Choice(["1", "2"]), default="1", show_default=True)
@@ -647,7 +683,7 @@ def export(checkpoint: Path, out_dir: Path | None, dataset: str) -> None:
 def predict(
     checkpoint: Path,
     videos: tuple[Path, ...],
-    classes_file: Path | None,
+    classes_file: str | None,
     crops: str,
     clips: str,
     scale_size: int | None,
@@ -707,7 +743,7 @@ def _predict_online(
     predict_online: Any,
     checkpoint: Path,
     videos: tuple[Path, ...],
-    classes_file: Path | None,
+    classes_file: str | None,
     scale_size: int | None,
     crop_size: int | None,
     device: str,

@@ -18,6 +18,10 @@ each skipping the other's samples by tar header (no JPEG decoded, bytes seeked p
 decode does a worker run short, and it then refills from a further pass over its own ranges.
 Evaluation splits shards by rank then by worker, in index order, without repeats: every sample exactly once.
 
+Streamed shards (`s3://`, `gs://`, http, `pipe:`) go through a local shard cache when `cache_dir` is set: the
+first epoch streams each shard and keeps a copy verified against the index's size and MD5, later epochs (and
+evaluation passes) read the copies; `cache_size_bytes` bounds the folder (least recently used copies go first).
+
 A sample that fails to decode is skipped, logged and counted: each batch carries `skipped`, the number of samples
 its worker skipped since its previous batch, and the loader objects sum them in `.skipped`. A shard that is missing
 or unreadable stops the loader with a `ShardError` naming it.
@@ -34,6 +38,7 @@ import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +52,7 @@ from ssv2prep.data.assign import (
     plan_train_epoch,
     slot_quotas,
 )
+from ssv2prep.data.cache import CacheConfig
 from ssv2prep.data.clip import ClipFinisher, ClipPlanner, ClipRequest, num_multiscale_pairs, predecode_video
 from ssv2prep.data.decode import decode_jpegs, decode_one_jpeg, decode_video_frames
 from ssv2prep.data.sampling import DENSE_WINDOW, SamplingSpec
@@ -84,7 +90,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class DataConfig:
-    """Loader options (defaults live here). Sizes are pixels; `batch_size` is clips per rank."""
+    """Loader options (defaults live here). Sizes are pixels; `batch_size` is clips per rank; `cache_dir` None =
+    no shard cache (`cache_size_bytes` bounds it, `cache_verify` is how a cached copy is checked: md5 or size)."""
 
     num_segments: int = 8
     crop_size: int = 224
@@ -98,6 +105,15 @@ class DataConfig:
     shuffle_buffer: int = 64
     gpu_decode: bool = False
     pin_memory: bool = True
+    cache_dir: Path | None = None
+    cache_size_bytes: int = 100 << 30
+    cache_verify: str = "md5"
+
+    def cache(self) -> CacheConfig | None:
+        """The shard cache these options describe, or None without `cache_dir`."""
+        if self.cache_dir is None:
+            return None
+        return CacheConfig(Path(self.cache_dir), self.cache_size_bytes, self.cache_verify)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
@@ -116,6 +132,9 @@ class DataConfig:
                 raise ConfigError(f"data: {name}={getattr(self, name)!r} is out of range; allowed: {allowed}")
         if self.dense and self.num_segments > DENSE_WINDOW:
             raise ConfigError(f"data: dense sampling takes num_segments <= {DENSE_WINDOW} (got {self.num_segments})")
+        cache = self.cache()
+        if cache is not None:
+            cache.validate()
 
 
 def _passthrough(item: Any) -> Any:
@@ -306,6 +325,9 @@ def build_train_loader(
         world_size=world_size,
         steps=steps,
         nsamples=source.nsamples,
+        cache=cfg.cache(),
+        filesizes=source.filesizes,
+        md5sums=source.md5sums,
     )
     return TrainLoader(ClipStream(stream), cfg, device, steps=steps)
 
@@ -353,5 +375,8 @@ def build_eval_loader(
         batch_size=cfg.batch_size,
         rank=rank,
         world_size=world_size,
+        cache=cfg.cache(),
+        filesizes=source.filesizes,
+        md5sums=source.md5sums,
     )
     return EvalLoader(ClipStream(stream), cfg, device, nsamples=source.nsamples)

@@ -2,14 +2,24 @@
 
 A spec is one of:
 
-- a shard index (`.../ssv2-train.json`, local path or `http(s)://` URL): the shard urls, their `nsamples`, the
-  classes and `flip_pairs` all come from it. Relative urls in the index are relative to the index's location.
+- a shard index (`.../ssv2-train.json`: a local path, an `http(s)://` URL, or an object in a store, `s3://` or
+  `gs://`, read through `ssv2prep.storage`): the shard urls, their `nsamples`, sizes and MD5s, the classes and
+  `flip_pairs` all come from it. Relative urls in the index are relative to the index's location (inside its
+  folder or prefix for an index in a store).
 - one shard or a brace pattern (`/data/ssv2-train-{000000..000337}.tar`, `https://host/ssv2-train-{...}.tar`,
-  `pipe:aws s3 cp s3://bucket/ssv2-train-{000000..000337}.tar -`). Per-shard sample counts (needed for exact
-  epochs) come from the `index=` argument when given; otherwise, for local and http patterns only, from the index
-  named like the shards (`ssv2-train.json` beside `ssv2-train-000000.tar`) when it exists. A `pipe:` pattern gets
-  counts only from an explicit `index=`. Without counts `nsamples` is None, which evaluation accepts and training
-  refuses (see `ssv2prep.data.loader`).
+  `s3://bucket/ssv2/ssv2-train-{...}.tar`, `pipe:aws s3 cp s3://bucket/ssv2-train-{000000..000337}.tar -`).
+  Per-shard sample counts (needed for exact epochs) come from the `index=` argument when given; otherwise, for
+  local, http and store patterns, from the index named like the shards (`ssv2-train.json` beside
+  `ssv2-train-000000.tar`) when it exists. A `pipe:` pattern gets counts only from an explicit `index=`. Without
+  counts `nsamples` is None, which evaluation accepts and training refuses (see `ssv2prep.data.loader`).
+
+Classes: the index's own `class_names` list when it has one, else the class file it names (`classes.json`) beside
+it. Names are never invented here: without either, `classes` is None (with a warning) and the consumers that need
+names (`train`, `eval`) refuse with an error naming the index. A class list whose length differs from the index's
+`num_classes` is a `ShardError`.
+
+Shards in a store (or behind http / `pipe:`) can be read through a bounded local cache (`ssv2prep.data.cache`):
+`iter_samples(..., cache=...)` keeps a verified copy of each shard read whole, and later reads use it.
 
 `pipe:` runs a command and reads the shard from its stdout (split with `shlex`, never through a shell). It is
 honoured only in specs the user typed: an index whose shardlist holds a `pipe:` url is refused with `ShardError`,
@@ -19,6 +29,7 @@ because an index is data that may come from anyone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import json
 import logging
@@ -38,6 +49,8 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import braceexpand
 
+from ssv2prep import storage
+from ssv2prep.data.cache import CacheConfig, open_cached
 from ssv2prep.errors import ConfigError, ShardError
 from ssv2prep.prep.index import check_index, read_classes, read_index
 
@@ -60,13 +73,17 @@ class ShardSource:
     """The shards of one split and what is known about them.
 
     Attributes:
-        urls: shard URLs in index order: local paths, `file://`, `http(s)://` or (user-typed only) `pipe:` commands.
+        urls: shard URLs in index order: local paths, `file://`, `http(s)://`, `s3://`, `gs://` or (user-typed
+            only) `pipe:` commands.
         nsamples: samples per shard, aligned with `urls`; None when no index gave counts.
         classes: class names in label order, or None when unknown.
         flip_pairs: class index pairs whose meaning swaps under a horizontal flip (from the index).
         split: the split name (`train`, `validation`, ...) when known.
         format: `frames` or `video` when an index says so (samples are recognised by their members anyway).
         index_url: where the index was read from, or None.
+        num_classes: the index's `num_classes` (else the length of `classes`), or None when unknown.
+        filesizes, md5sums: per shard, what the index says its bytes are (None per entry or as a whole when it
+            does not say); a shard cache keeps only copies that match both.
     """
 
     urls: tuple[str, ...]
@@ -76,6 +93,9 @@ class ShardSource:
     split: str | None
     format: str | None = None
     index_url: str | None = None
+    num_classes: int | None = None
+    filesizes: tuple[int | None, ...] | None = None
+    md5sums: tuple[str | None, ...] | None = None
 
     @property
     def num_samples(self) -> int | None:
@@ -93,6 +113,9 @@ class RawSample:
 
 
 # ------------------------------------------------------------------------------------------------- resolution
+STORE_SCHEMES = ("s3", "gs")
+
+
 def _is_pipe(url: str) -> bool:
     return url.startswith(PIPE_PREFIX)
 
@@ -101,26 +124,52 @@ def _is_http(url: str) -> bool:
     return urlsplit(url).scheme in ("http", "https")
 
 
+def _is_store(url: str) -> bool:
+    """An object in a store (`s3://`, `gs://`), read through `ssv2prep.storage`."""
+    return not _is_pipe(url) and urlsplit(url).scheme in STORE_SCHEMES
+
+
+def _has_scheme(url: str) -> bool:
+    return "://" in url or url.startswith("file:")
+
+
 def _shard_name(url: str) -> str:
     """The file name of a shard URL (for `pipe:`, of the last `.tar` argument of the command)."""
     if _is_pipe(url):
         tars = [tok for tok in shlex.split(url[len(PIPE_PREFIX) :]) if tok.endswith(".tar")]
         return _shard_name(tars[-1]) if tars else ""
-    if _is_http(url) or url.startswith("file:"):
+    if _is_http(url) or _is_store(url) or url.startswith("file:"):
         return unquote(urlsplit(url).path).rsplit("/", 1)[-1]
     return Path(url).name
 
 
+def _check_scheme(url: str, index_url: str | None = None) -> None:
+    """Refuse a URL scheme nothing here can read: `ConfigError` for a typed spec, `ShardError` for an index's url."""
+    try:
+        storage.scheme_of(url)
+    except ConfigError as exc:
+        if index_url is None:
+            raise
+        raise ShardError(f"{index_url}: the index lists {exc}") from None
+
+
 def _join(base: str, rel: str) -> str:
-    """An index url made absolute against the index's location (a local file or an http URL)."""
+    """An index url made absolute against the index's location (a local file, an http URL or a store object)."""
     if _is_pipe(rel):
         raise ShardError(f"{base}: the index lists a pipe: url ({rel[:60]}); pipe: is only accepted in a typed spec")
-    if _is_http(base) and rel.startswith("file:"):
-        raise ShardError(f"{base}: an index served over http may not list local files ({rel[:60]})")
-    if _is_http(rel) or rel.startswith("file:"):
+    remote = _is_http(base) or _is_store(base)
+    if remote and rel.startswith("file:"):
+        raise ShardError(f"{base}: an index in a store or served over http may not list local files ({rel[:60]})")
+    if _has_scheme(rel):
+        _check_scheme(rel, base)
         return rel
     if _is_http(base):
         return urljoin(base, rel)
+    if _is_store(base):
+        try:
+            return storage.join(storage.parent(base), rel)
+        except ConfigError as exc:
+            raise ShardError(f"{base}: shard url {rel[:60]!r} is not a name inside the index's prefix") from exc
     return str(Path(base).parent / rel)
 
 
@@ -136,8 +185,15 @@ def _fetch_http(url: str, *, missing_ok: bool = False) -> bytes | None:
         raise ShardError(f"{url}: cannot fetch ({exc})") from exc
 
 
-def _read_http_index(url: str) -> dict[str, Any]:
-    data = _fetch_http(url)
+def _fetch_store(url: str) -> bytes:
+    try:
+        return storage.read_bytes(url)
+    except storage.StorageError as exc:
+        raise ShardError(str(exc)) from exc
+
+
+def _read_remote_index(url: str) -> dict[str, Any]:
+    data = _fetch_http(url) if _is_http(url) else _fetch_store(url)
     try:
         obj = json.loads(data or b"")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -145,15 +201,19 @@ def _read_http_index(url: str) -> dict[str, Any]:
     return check_index(obj, url)
 
 
-def _read_classes(index_url: str, index: dict[str, Any]) -> tuple[str, ...] | None:
-    """The class list beside an index, or None (with a warning) when it is absent or unreadable."""
+def _classes_beside(index_url: str, index: dict[str, Any]) -> tuple[str, ...] | None:
+    """The class file an index names (`classes.json` beside it), or None (with a warning) when absent/unreadable."""
+    name = str(index.get("classes", "classes.json"))
     try:
-        if not _is_http(index_url):
+        if _is_http(index_url):
+            data = _fetch_http(urljoin(index_url, name))
+        elif _is_store(index_url):
+            data = _fetch_store(storage.join(storage.parent(index_url), name))
+        else:
             return tuple(read_classes(index_url, index))
-        url = urljoin(index_url, str(index.get("classes", "classes.json")))
-        classes = json.loads(_fetch_http(url) or b"")
+        classes = json.loads(data or b"")
     except (ShardError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        log.warning("%s: no usable class list beside the index (%s); class names unknown", index_url, exc)
+        log.warning("%s: the index carries no class_names and no class list is usable beside it (%s)", index_url, exc)
         return None
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         log.warning("%s: the class list beside the index is not a list of names; class names unknown", index_url)
@@ -161,12 +221,40 @@ def _read_classes(index_url: str, index: dict[str, Any]) -> tuple[str, ...] | No
     return tuple(classes)
 
 
+def _read_classes(index_url: str, index: dict[str, Any]) -> tuple[str, ...] | None:
+    """The index's classes: its own `class_names`, else the class file beside it; None when neither exists.
+
+    Raises:
+        ShardError: `class_names` that is not a list of names, or a list whose length differs from `num_classes`.
+    """
+    names = index.get("class_names")
+    if names is None:
+        classes = _classes_beside(index_url, index)
+    elif isinstance(names, list) and all(isinstance(c, str) for c in names):
+        classes = tuple(names)
+    else:
+        raise ShardError(f"{index_url}: class_names must be a list of class names")
+    declared = index.get("num_classes")
+    if classes is not None and isinstance(declared, int) and declared != len(classes):
+        raise ShardError(
+            f"{index_url}: the index says num_classes {declared}, but its class list has {len(classes)} names"
+        )
+    return classes
+
+
+def index_classes(index_url: str, index: dict[str, Any]) -> tuple[str, ...] | None:
+    """The classes of a parsed index read from `index_url` (local path or URL), as `resolve_source` finds them."""
+    return _read_classes(_local_path(index_url), index)
+
+
 def _local_path(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
 def _load_index(index_url: str) -> dict[str, Any]:
-    return _read_http_index(index_url) if _is_http(index_url) else read_index(_local_path(index_url))
+    if _is_http(index_url) or _is_store(index_url):
+        return _read_remote_index(index_url)
+    return read_index(_local_path(index_url))
 
 
 def _flip_pairs(index_url: str, index: dict[str, Any]) -> tuple[tuple[int, int], ...]:
@@ -178,20 +266,25 @@ def _flip_pairs(index_url: str, index: dict[str, Any]) -> tuple[tuple[int, int],
 
 def _from_index(index_url: str, index: dict[str, Any]) -> ShardSource:
     entries = index["shardlist"]
-    base = index_url if _is_http(index_url) else _local_path(index_url)
+    base = index_url if _is_http(index_url) or _is_store(index_url) else _local_path(index_url)
+    classes = _read_classes(base, index)
+    declared = index.get("num_classes")
     return ShardSource(
         urls=tuple(_join(base, e["url"]) for e in entries),
         nsamples=tuple(int(e["nsamples"]) for e in entries),
-        classes=_read_classes(base, index),
+        classes=classes,
         flip_pairs=_flip_pairs(index_url, index),
         split=index.get("split"),
         format=index.get("format"),
         index_url=index_url,
+        num_classes=declared if isinstance(declared, int) else (len(classes) if classes is not None else None),
+        filesizes=tuple(e["filesize"] if isinstance(e.get("filesize"), int) else None for e in entries),
+        md5sums=tuple(e["md5sum"] if isinstance(e.get("md5sum"), str) else None for e in entries),
     )
 
 
 def _neighbour_index(first_url: str) -> str | None:
-    """The index named like the shards, beside the first one, if it exists (local or http; never for pipe:)."""
+    """The index named like the shards, beside the first one, if it exists (local, http or store; never pipe:)."""
     match = SHARD_NAME_RE.match(_shard_name(first_url))
     if match is None or _is_pipe(first_url):
         return None
@@ -199,6 +292,12 @@ def _neighbour_index(first_url: str) -> str | None:
     if _is_http(first_url):
         url = urljoin(first_url, name)
         return url if _fetch_http(url, missing_ok=True) is not None else None
+    if _is_store(first_url):
+        url = storage.join(storage.parent(first_url), name)
+        try:
+            return url if storage.exists(url) else None
+        except storage.StorageError as exc:
+            raise ShardError(str(exc)) from exc
     path = Path(_local_path(first_url)).parent / name
     return str(path) if path.is_file() else None
 
@@ -206,16 +305,24 @@ def _neighbour_index(first_url: str) -> str | None:
 def _with_counts(urls: list[str], index_url: str) -> ShardSource:
     """Typed shard urls, with counts, classes and flip pairs from the index they belong to (matched by file name)."""
     indexed = _from_index(index_url, _load_index(index_url))
-    counts = {_shard_name(u): n for u, n in zip(indexed.urls, indexed.nsamples or (), strict=True)}
-    missing = [u for u in urls if _shard_name(u) not in counts]
+    by_name = {_shard_name(u): i for i, u in enumerate(indexed.urls)}
+    missing = [u for u in urls if _shard_name(u) not in by_name]
     if missing:
         raise ConfigError(
             f"index {index_url} does not list shard {_shard_name(missing[0]) or missing[0]!r} "
             f"({len(missing)} of {len(urls)} shards unmatched); pass the index of these shards"
         )
-    nsamples = tuple(counts[_shard_name(u)] for u in urls)
-    return ShardSource(
-        tuple(urls), nsamples, indexed.classes, indexed.flip_pairs, indexed.split, indexed.format, index_url
+    rows = [by_name[_shard_name(u)] for u in urls]
+
+    def pick(values: tuple[Any, ...] | None) -> tuple[Any, ...] | None:
+        return None if values is None else tuple(values[i] for i in rows)
+
+    return dataclasses.replace(
+        indexed,
+        urls=tuple(urls),
+        nsamples=pick(indexed.nsamples),
+        filesizes=pick(indexed.filesizes),
+        md5sums=pick(indexed.md5sums),
     )
 
 
@@ -223,16 +330,23 @@ def resolve_source(spec: str, *, index: str | None = None) -> ShardSource:
     """Turn a user's shard spec into a `ShardSource` (see the module docstring for the rules).
 
     Args:
-        spec: an index (`*.json`), one shard, or a brace pattern; local, `file://`, `http(s)://` or `pipe:`.
-        index: an index (path or http URL) giving per-shard counts for the shards of a pattern.
+        spec: an index (`*.json`), one shard, or a brace pattern; local, `file://`, `http(s)://`, `s3://`, `gs://`
+            or `pipe:`.
+        index: an index (path or URL) giving per-shard counts for the shards of a pattern.
 
     Raises:
-        ConfigError: an empty spec, an index given twice, or typed shards the index does not list.
-        ShardError: an index that cannot be read or that lists a `pipe:` url.
+        ConfigError: an empty spec, an unknown URL scheme, an index given twice, or typed shards the index does not
+            list.
+        ShardError: an index that cannot be read, lists a `pipe:` url, or whose class list contradicts its
+            `num_classes`.
     """
     spec = spec.strip()
     if not spec:
         raise ConfigError("shard spec is empty: give an index (ssv2-train.json) or a shard pattern")
+    if not _is_pipe(spec):
+        _check_scheme(spec)
+    if index is not None:
+        _check_scheme(index)
     if not _is_pipe(spec) and _shard_name(spec).endswith(".json"):
         if index is not None:
             raise ConfigError(f"{spec} is already an index; do not also pass index={index}")
@@ -319,17 +433,30 @@ def _open_pipe(url: str) -> Iterator[IO[bytes]]:
             raise ShardError(f"{url}: command exited with status {status}: {_stderr_tail(err)}")
 
 
+@contextlib.contextmanager
+def _open_store(url: str) -> Iterator[IO[bytes]]:
+    try:
+        fh = storage.open_read(url)  # seekable: a skipped member costs a ranged read, not its bytes
+    except storage.StorageError as exc:
+        raise ShardError(f"cannot open shard {exc}") from exc
+    with fh:
+        yield fh
+
+
 OPENERS: dict[str, Callable[[str], contextlib.AbstractContextManager[IO[bytes]]]] = {
     "pipe": _open_pipe,
     "http": _open_http,
     "https": _open_http,
+    "s3": _open_store,
+    "gs": _open_store,
     "file": _open_local,
     "": _open_local,
 }
+LOCAL_KINDS = ("file", "")
 
 
 def url_kind(url: str) -> str:
-    """The opener key of a URL: `pipe`, `http`, `https`, `file`, or `` for a local path."""
+    """The opener key of a URL: `pipe`, `http`, `https`, `s3`, `gs`, `file`, or `` for a local path."""
     if _is_pipe(url):
         return "pipe"
     scheme = urlsplit(url).scheme
@@ -339,6 +466,28 @@ def url_kind(url: str) -> str:
 def open_shard(url: str) -> contextlib.AbstractContextManager[IO[bytes]]:
     """A context manager giving a readable binary stream of one shard; errors are `ShardError` naming the URL."""
     return OPENERS[url_kind(url)](url)
+
+
+def is_cacheable(url: str) -> bool:
+    """Whether a shard cache applies to `url`: streamed shards (store, http, `pipe:`), not local files."""
+    return url_kind(url) not in LOCAL_KINDS
+
+
+@dataclass(frozen=True, slots=True)
+class ShardCheck:
+    """What the index says one shard's bytes are (both needed for the cache to keep a copy)."""
+
+    size: int | None = None
+    md5: str | None = None
+
+
+def _open_for_reading(
+    url: str, cache: CacheConfig | None, check: ShardCheck
+) -> tuple[contextlib.AbstractContextManager[IO[bytes]], bool]:
+    """(the stream's context manager, whether it fills a cache entry and so must be read to its end)."""
+    if cache is None or not is_cacheable(url) or check.size is None or check.md5 is None:
+        return open_shard(url), False
+    return open_cached(url, cache, size=check.size, md5=check.md5, opener=lambda: open_shard(url)), True
 
 
 # ------------------------------------------------------------------------------------------------------ reading
@@ -520,18 +669,30 @@ class _LeftEarly(Exception):
     """Raised inside an open shard to close it without reading the rest (a `pipe:` command is then stopped)."""
 
 
-def iter_samples(url: str, *, start: int = 0, stop: int | None = None) -> Iterator[RawSample]:
+def iter_samples(
+    url: str,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    cache: CacheConfig | None = None,
+    check: ShardCheck = ShardCheck(),
+) -> Iterator[RawSample]:
     """Stream the samples of one shard in stored order (members grouped by key; bytes are not decoded).
 
     `start`/`stop` select samples `start <= i < stop` (0-based): the ones before `start` are skipped by their tar
     headers alone, and the shard is closed after sample `stop - 1` (see `read_samples`).
+
+    `cache`: read a streamed shard through this local cache when `check` gives its size and MD5 (see
+    `ssv2prep.data.cache`). A cache miss reads the whole shard, also past `stop`, so that the copy can be kept: the
+    samples yielded are the same, and the next read of the shard, of any range, is local.
 
     Raises:
         ShardError: the shard is missing, cannot be fetched, is not a readable tar (also mid-way), or holds fewer
             than `stop` samples (an index that does not match its shards).
     """
     count = 0
-    with contextlib.suppress(_LeftEarly), open_shard(url) as stream:
+    opened, read_to_end = _open_for_reading(url, cache, check)
+    with contextlib.suppress(_LeftEarly), opened as stream:
         samples = read_samples(stream, url, start=start, stop=stop)
         try:
             while True:
@@ -545,6 +706,8 @@ def iter_samples(url: str, *, start: int = 0, stop: int | None = None) -> Iterat
         except (tarfile.TarError, EOFError, OSError, ValueError, http.client.HTTPException) as exc:
             raise ShardError(f"{url}: unreadable shard after {start + count} samples ({exc})") from exc
         if held is None:
+            if read_to_end:
+                return  # leaving the block normally lets the cache read the rest and keep the copy
             raise _LeftEarly
         if stop is not None and held < stop:
             raise ShardError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -19,8 +19,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ssv2prep.data.assign import ShardRange, batches_for_worker, eval_shards, plan_train_epoch
+from ssv2prep.data.cache import CacheConfig
 from ssv2prep.data.clip import ClipFinisher, ClipPlanner, ClipRequest, predecode_video
-from ssv2prep.data.source import RawSample, iter_samples
+from ssv2prep.data.source import RawSample, ShardCheck, iter_samples
 from ssv2prep.data.transforms import stack_channels_last
 from ssv2prep.errors import SampleError, ShardError, Ssv2PrepError
 
@@ -69,26 +70,33 @@ class PendingBatch:
     skipped: int
 
 
-def _range_samples(urls: Sequence[str], ranges: Iterable[ShardRange]) -> Iterator[RawSample]:
+def _shard_samples(cfg: StreamConfig, shard: int, start: int = 0, stop: int | None = None) -> Iterator[RawSample]:
+    """Samples `start <= i < stop` of shard number `shard`, through the shard cache when there is one."""
+    check = ShardCheck(
+        cfg.filesizes[shard] if cfg.filesizes is not None else None,
+        cfg.md5sums[shard] if cfg.md5sums is not None else None,
+    )
+    return iter_samples(cfg.urls[shard], start=start, stop=stop, cache=cfg.cache, check=check)
+
+
+def _range_samples(cfg: StreamConfig, ranges: Iterable[ShardRange]) -> Iterator[RawSample]:
     """The samples of `ranges` in order, each shard opened at its range (samples before it skipped undecoded)."""
     for piece in ranges:
-        yield from iter_samples(urls[piece.shard], start=piece.start, stop=piece.stop)
+        yield from _shard_samples(cfg, piece.shard, piece.start, piece.stop)
 
 
-def _passes(
-    urls: Sequence[str], ranges: tuple[ShardRange, ...], shuffle_buffer: int, rng: np.random.Generator
-) -> Iterator[RawSample]:
+def _passes(cfg: StreamConfig, ranges: tuple[ShardRange, ...], rng: np.random.Generator) -> Iterator[RawSample]:
     """Samples of `ranges` (in the given order, shuffled through the buffer), then further passes over the same
     ranges in fresh random orders, forever. A worker needs a further pass only when samples of its ranges failed to
     decode; the buffer drains at the end of each pass, so a sample repeats only in a later pass."""
     order = list(ranges)
     while True:
         count = 0
-        for sample in _shuffled(_range_samples(urls, order), shuffle_buffer, rng):
+        for sample in _shuffled(_range_samples(cfg, order), cfg.shuffle_buffer, rng):
             count += 1
             yield sample
         if count == 0:
-            raise ShardError(f"{urls[order[0].shard]}: no samples in this worker's {len(order)} shard range(s)")
+            raise ShardError(f"{cfg.urls[order[0].shard]}: no samples in this worker's {len(order)} shard range(s)")
         order = [order[i] for i in rng.permutation(len(order))]
 
 
@@ -125,6 +133,9 @@ class StreamConfig:
     world_size: int = 1
     steps: int = 0
     nsamples: tuple[int, ...] | None = None  # per-shard counts (train: the epoch plan is cut from them)
+    cache: CacheConfig | None = None  # local copies of streamed shards (see ssv2prep.data.cache)
+    filesizes: tuple[int | None, ...] | None = None  # per shard, from the index: what a cached copy must match
+    md5sums: tuple[str | None, ...] | None = None
 
 
 def _prepared(
@@ -213,7 +224,7 @@ class ClipStream(IterableDataset):
             batch_size=cfg.batch_size,
         )
         rng = np.random.default_rng([cfg.seed, self.epoch, cfg.rank, worker])
-        samples = _passes(cfg.urls, plan[cfg.rank * num_workers + worker], cfg.shuffle_buffer, rng)
+        samples = _passes(cfg, plan[cfg.rank * num_workers + worker], rng)
         batches = _batched(_prepared(samples, cfg, rng, replay=done * cfg.batch_size), cfg.batch_size)
         try:
             yield from itertools.islice(batches, quota)
@@ -226,7 +237,7 @@ class ClipStream(IterableDataset):
             len(cfg.urls), rank=cfg.rank, world_size=cfg.world_size, worker=worker, num_workers=num_workers
         )
         rng = np.random.default_rng([cfg.seed, cfg.rank, worker])
-        samples = itertools.chain.from_iterable(iter_samples(cfg.urls[i]) for i in ids)
+        samples = itertools.chain.from_iterable(_shard_samples(cfg, i) for i in ids)
         yield from _batched(_prepared(samples, cfg, rng), cfg.batch_size)
 
     def __iter__(self) -> Iterator[Batch | PendingBatch | WorkerFailure]:

@@ -61,6 +61,9 @@ class EvalConfig:
     predictions: Path | None = None
     device: str = "auto"
     amp: str = "off"  # fp32 by default: autocast moves logits by about an off-by-one frame's worth
+    cache_dir: Path | None = None  # local copies of streamed shards (see ssv2prep.data.cache)
+    cache_size_bytes: int = 100 << 30
+    cache_verify: str = "md5"
 
     def validate(self) -> None:
         """Raise ConfigError on a bad value."""
@@ -157,6 +160,9 @@ def _data_config(cfg: EvalConfig, model_cfg: Any) -> Any:
         dense=cfg.dense,
         batch_size=cfg.batch_size,
         num_workers=cfg.workers,
+        cache_dir=cfg.cache_dir,
+        cache_size_bytes=cfg.cache_size_bytes,
+        cache_verify=cfg.cache_verify,
     )
 
 
@@ -186,11 +192,20 @@ def _one_setting(
 
 
 def _classes(source: Any, from_ckpt: list[str] | None, num_classes: int, checkpoint: Path) -> list[str]:
-    """The class names to report with; ConfigError when the data's labels mean other classes than the model's."""
+    """The class names to report with; ConfigError when the data's labels mean other classes than the model's,
+    or when no names are known at all (never made up: the per-class report would name the wrong classes)."""
+    where = source.index_url or "the data"
+    if source.num_classes is not None and source.num_classes != num_classes:
+        raise ConfigError(
+            f"{where}: the index has {source.num_classes} classes but the checkpoint predicts {num_classes}"
+        )
     data_names = list(source.classes) if source.classes else None
     classes = data_names or from_ckpt
     if classes is None:
-        classes = [str(i) for i in range(num_classes)]
+        raise ConfigError(
+            f"{where}: no class names: the index carries none (no class_names in it, no class list beside it) and "
+            f"the checkpoint ({checkpoint}) has none; keep classes.json beside the index"
+        )
     if len(classes) != num_classes:
         where = class_list_source(source) if data_names else str(checkpoint)
         raise ConfigError(f"the data has {len(classes)} classes ({where}) but the checkpoint predicts {num_classes}")

@@ -65,14 +65,24 @@ def _runner(model: torch.nn.Module, device: str, amp: bool) -> _Runner:
     return _Runner(model.to(dev), dev, dtype)
 
 
-def load_class_names(path: Path) -> list[str]:
-    """Class names from `classes.json` (a list) or an SSv2 `labels.json` (name -> index)."""
+def load_class_names(path: str | Path) -> list[str]:
+    """Class names from `classes.json` (a list), an SSv2 `labels.json` (name -> index) or a shard index
+    (`ssv2-train.json`: its `class_names`, else the class file beside it); a local path or a store URL (`s3://`)."""
+    from ssv2prep import storage
+    from ssv2prep.data.source import index_classes
+    from ssv2prep.prep.index import INDEX_KIND
+
     try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = json.loads(storage.read_bytes(path))
+    except (storage.StorageError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"--classes {path}: not a readable JSON file ({' '.join(str(exc).split())[:120]})") from exc
     if isinstance(obj, list):
         return [str(c) for c in obj]
+    if isinstance(obj, dict) and obj.get("__kind__") == INDEX_KIND:
+        names = index_classes(str(path), obj)
+        if names is None:
+            raise ConfigError(f"--classes {path}: the index does not carry its classes (no class_names, no class list)")
+        return list(names)
     if isinstance(obj, dict):
         return [name for name, _ in sorted(obj.items(), key=lambda kv: int(kv[1]))]
     raise ConfigError(f"{path}: expected a JSON list of class names or a labels.json object")
@@ -111,7 +121,7 @@ def predict_videos(
     checkpoint: Path,
     videos: list[Path],
     *,
-    classes_file: Path | None = None,
+    classes_file: str | Path | None = None,
     crops: int = 1,
     clips: int = 1,
     scale_size: int | None = None,
@@ -154,7 +164,7 @@ def predict_videos(
 
 
 def _class_names(
-    from_ckpt: list[str] | None, classes_file: Path | None, num_classes: int, checkpoint: Path
+    from_ckpt: list[str] | None, classes_file: str | Path | None, num_classes: int, checkpoint: Path
 ) -> list[str]:
     names = load_class_names(classes_file) if classes_file else from_ckpt
     if names is None:
@@ -177,7 +187,7 @@ def predict_online(
     checkpoint: Path,
     video: Path,
     *,
-    classes_file: Path | None = None,
+    classes_file: str | Path | None = None,
     scale_size: int | None = None,
     crop_size: int | None = None,
     device: str = "cpu",

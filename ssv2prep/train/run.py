@@ -121,14 +121,37 @@ def build_loaders(cfg: TrainConfig, info: DistInfo) -> tuple[Any, Any, Any]:
     from ssv2prep.data.source import resolve_source
 
     source = resolve_source(cfg.train, index=cfg.train_index)
+    train_classes(source, cfg.train)
     val_source = resolve_source(cfg.val, index=cfg.val_index) if cfg.val else None
     if val_source is not None:
         check_same_classes(source, val_source)
+        check_val_num_classes(source, val_source, cfg.val or "")
     train = build_train_loader(source, cfg.data, rank=info.rank, world_size=info.world_size, seed=cfg.runtime.seed)
     val = None
     if val_source is not None:
         val = build_eval_loader(val_source, cfg.data, rank=info.rank, world_size=info.world_size)
     return train, val, source
+
+
+def train_classes(source: Any, spec: str) -> list[str]:
+    """The train index's class names, one head output each; a `ConfigError` naming the index when it has none
+    (names are never made up: a head of the wrong size would train, and its labels would mean nothing)."""
+    if not source.classes:
+        raise ConfigError(
+            f"{source.index_url or spec}: the index does not carry its classes (no class_names in it and no class "
+            "list beside it): keep classes.json beside the index, or re-shard with this version"
+        )
+    return list(source.classes)
+
+
+def check_val_num_classes(train: Any, val: Any, spec: str) -> None:
+    """Validation labels are indices into the train head: refuse a validation index of another class count
+    (before the first step rather than after an epoch), also when it carries no names to compare."""
+    if val.num_classes is not None and val.num_classes != train.num_classes:
+        raise ConfigError(
+            f"--val {val.index_url or spec}: {val.num_classes} classes, but the train index {train.index_url} has "
+            f"{train.num_classes} (the size of the head); give the validation index of the same shard folder"
+        )
 
 
 def check_same_classes(train: Any, val: Any) -> None:
@@ -460,7 +483,7 @@ def fit(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] | N
 def _fit(cfg: TrainConfig, info: DistInfo, emit: Callable[[str, dict[str, Any]], None]) -> FitResult:
     _seed_everything(cfg.runtime.seed)  # the model's initial weights: the same on every rank
     train_loader, val_loader, source = build_loaders(cfg, info)
-    classes = list(source.classes) if source.classes else [str(i) for i in range(cfg.model.num_classes)]
+    classes = train_classes(source, cfg.train)
     model = build_model(cfg, classes, info)
     optimizer, base_lr = build_optimizer(cfg, model, info)
     _seed_everything(rank_seed(cfg.runtime.seed, info.rank))  # dropout: each rank draws its own masks

@@ -682,7 +682,8 @@ def _reordered_val(tiny_shards: Path, tmp_path: Path, classes: list[str]) -> Pat
     shutil.copytree(tiny_shards, shards)
     (shards / "val-classes.json").write_text(json.dumps(classes))
     index = json.loads((shards / "ssv2-validation.json").read_text())
-    (shards / "ssv2-validation.json").write_text(json.dumps({**index, "classes": "val-classes.json"}))
+    index = {**index, "classes": "val-classes.json", "num_classes": len(classes)}  # an index true to its class file
+    (shards / "ssv2-validation.json").write_text(json.dumps({k: v for k, v in index.items() if k != "class_names"}))
     return shards
 
 
