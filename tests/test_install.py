@@ -164,7 +164,11 @@ def test_installed_wheel_runs_the_readme_commands_from_an_empty_folder(tmp_path:
     assert Path(module) == site / "ssv2prep" / "__init__.py"
     assert Path(manifests) == site / "ssv2prep" / "shipped" / "manifests"
     assert Path(pipelines) == site / "ssv2prep" / "shipped" / "pipelines"
-    assert not any(p and Path(p).resolve().is_relative_to(REPO) for p in path) and not tests_importable
+    # nothing of the checkout is importable; the test venv (whose site-packages the new venv borrows for torch) may
+    # itself live inside the checkout, as .venv does
+    own_venv = Path(sys.prefix).resolve()
+    checkout = [p for p in path if p and Path(p).resolve().is_relative_to(REPO)]
+    assert all(Path(p).resolve().is_relative_to(own_venv) for p in checkout) and not tests_importable
     # ... and it ships every file of the repository's folders, byte for byte
     for kind, folder, pattern in (("manifests", manifests, "*.json"), ("pipelines", pipelines, "*.toml")):
         shipped = {p.name: p.read_bytes() for p in Path(folder).iterdir()}

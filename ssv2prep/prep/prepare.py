@@ -245,8 +245,16 @@ def _run_pool(
     if workers <= 1 or len(todo) <= 1:
         results = []
         for spec in todo:
-            results.append(job(spec))
-            on_shard(results[-1])
+            stats = job(spec)
+            try:
+                on_shard(stats)
+            except KeyboardInterrupt:
+                # Stopped while recording a finished shard (a remote one may be uploaded but not yet recorded):
+                # finish recording it, then stop.
+                with _stop_signals_ignored():
+                    on_shard(stats)
+                raise
+            results.append(stats)
         return results
     ctx = multiprocessing.get_context("forkserver")
     results: list[ShardStats] = []
@@ -256,9 +264,10 @@ def _run_pool(
     try:
         futures = [pool.submit(job, spec) for spec in todo]
         for fut in as_completed(futures):
-            results.append(fut.result())
+            stats = fut.result()
+            on_shard(stats)  # a stop inside it leaves the shard unrecorded: the handler below records it again
+            results.append(stats)
             recorded.add(id(fut))
-            on_shard(results[-1])
     except BaseException:
         # A second Ctrl-C / SIGTERM must not cut short recording the finished shards and stopping the workers.
         with _stop_signals_ignored():

@@ -325,9 +325,13 @@ def _close_split(folder: str, names: set[str], split: _Split, checks: list[Shard
     report.problems += _check_manifest(folder, names, index, seen)
 
 
-def _worker_init() -> None:
+def _worker_init(environ: dict[str, str]) -> None:
     # Ctrl-C is the parent's to handle (it stops the pool); a worker taking it would print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A fork server keeps the environment it was started with; the workers need the parent's as it is now (the
+    # object store's credentials and endpoint).
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def _cores() -> int:
@@ -358,7 +362,9 @@ def _run_checks(tasks: list[ShardTask], workers: int, on_shard: Callable[[str], 
                 on_shard(storage.basename(task.url))
     else:
         ctx = _pool_context()
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=ctx, initializer=_worker_init)
+        pool = ProcessPoolExecutor(
+            max_workers=min(workers, len(tasks)), mp_context=ctx, initializer=_worker_init, initargs=(dict(os.environ),)
+        )
         try:
             futures = {pool.submit(check_shard, task): i for i, task in enumerate(tasks)}
             for fut in as_completed(futures):

@@ -172,12 +172,22 @@ def test_eval_refuses_data_whose_class_list_differs(ckpt: Path, tiny_shards: Pat
     data = tmp_path / "shards"
     shutil.copytree(tiny_shards, data)
     names = json.loads((data / "classes.json").read_text())
-    (data / "classes.json").write_text(json.dumps([names[1], names[0], *names[2:]]))  # same names, permuted
-    with pytest.raises(ConfigError) as err:
-        evaluate_checkpoint(eval_config(ckpt, data / "ssv2-validation.json", tmp_path / "e"))
-    message = str(err.value)
-    assert str(ckpt) in message and str(data / "classes.json") in message and "order" in message
-    assert not (tmp_path / "e").exists()
+    permuted = [names[1], names[0], *names[2:]]  # same names, another order
+    (data / "classes.json").write_text(json.dumps(permuted))
+    index_file = data / "ssv2-validation.json"
+    index = json.loads(index_file.read_text())
+    for carried in (True, False):  # names in the index (what shard writes), or only in classes.json beside it
+        if carried:
+            index["class_names"] = permuted
+        else:
+            index.pop("class_names")
+        index_file.write_text(json.dumps(index))
+        with pytest.raises(ConfigError) as err:
+            evaluate_checkpoint(eval_config(ckpt, index_file, tmp_path / "e"))
+        message = str(err.value)
+        source = f"{index_file} (its class_names)" if carried else str(data / "classes.json")
+        assert str(ckpt) in message and source in message and "order" in message, message
+        assert not (tmp_path / "e").exists()
 
 
 def test_predict_refuses_a_classes_file_that_contradicts_the_checkpoint(
