@@ -112,7 +112,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         handler.setLevel(logging.WARNING)  # under torchrun / srun only rank 0 says more than warnings
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     # Library modules log at INFO; third-party chatter stays at WARNING.
-    for noisy in ("urllib3", "PIL", "matplotlib", "libav"):
+    for noisy in ("urllib3", "PIL", "matplotlib", "libav", "botocore", "aiobotocore", "s3fs", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
