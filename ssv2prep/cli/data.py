@@ -294,7 +294,13 @@ def _print_summaries(summaries: dict[str, Any], out_dir: str | Path) -> None:
     show_default=True,
     help="Carve this stratified, seeded fraction of train into a 'holdout' split.",
 )
-@click.option("--videos-per-shard", type=int, default=500, show_default=True)
+@click.option(
+    "--videos-per-shard",
+    type=int,
+    default=500,
+    show_default=True,
+    help="Videos per tar shard (a shard is the unit of resume, of --part work and of the loader's dealing).",
+)
 @click.option("--workers", type=int, default=0, show_default=True, help="Decoding processes (0 = one per core).")
 @click.option("--quality", type=int, default=90, show_default=True, help="JPEG quality on libjpeg's 1..95 scale.")
 @jpeg_encoder_option(

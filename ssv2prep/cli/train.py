@@ -130,7 +130,14 @@ def _is_main_process() -> bool:
 @click.option("--gpu-decode", is_flag=True, help="Decode JPEGs on the GPU (nvjpeg via torchvision); CUDA only.")
 @_cache_options
 @click.option("--epochs", type=int, default=50, show_default=True)
-@click.option("--lr", type=float, default=0.01, show_default=True, help="Per 64 clips of total batch.")
+@click.option(
+    "--lr",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="Learning rate for a total batch of 64 clips, scaled linearly to the real total batch (ranks x "
+    "--batch-size), as the official TSM recipe states it; --no-lr-scaling uses it as given.",
+)
 @click.option("--no-lr-scaling", is_flag=True, help="Use --lr as is instead of scaling it by total batch / 64.")
 @click.option("--lr-schedule", type=click.Choice(["step", "cosine"]), default="step", show_default=True)
 @click.option("--lr-steps", default="20,40", show_default=True, help="Epochs where the step schedule decays x0.1.")
@@ -513,7 +520,9 @@ def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, in
 @click.option("--crop-size", type=int, default=None, help="Default: as trained (224 for official checkpoints).")
 @click.option("--scale-size", type=int, default=None, help="Resize short side to this (default: as trained).")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Videos per batch per process.")
-@click.option("--workers", type=int, default=2, show_default=True)
+@click.option(
+    "--workers", type=int, default=2, show_default=True, help="Loader processes per rank (0: decode in this process)."
+)
 @click.option(
     "--out",
     "out_dir",
