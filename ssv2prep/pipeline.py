@@ -400,7 +400,7 @@ def run_pipeline(
     forced = force if force is not None else (from_stage is not None or only is not None)
     selected = select_stages(pipeline, from_stage=from_stage, only=only)
     outcome: dict[str, str] = {}
-    from ssv2prep.prep.decode import cpu_count
+    from ssv2prep.workers import cpu_count
 
     threads = max(1, cpu_count() // pipeline.parallel) if pipeline.parallel > 1 else None
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -584,14 +583,6 @@ def count_video_frames(path: str | Path) -> tuple[ProbedVideo, int]:
             raise DecodeError(f"decode failed: {_one_line(exc)}") from exc
     _check_count(count)
     return probed, count
-
-
-def cpu_count() -> int:
-    """Cores this process may use (respects affinity masks, unlike os.cpu_count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
 
 
 def decode_rgb(path: str | Path) -> np.ndarray:

@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing
 import shutil
 import signal
 import tempfile
@@ -35,10 +34,10 @@ from ssv2prep import storage
 from ssv2prep.annotations import SPLITS, Annotations, flip_pairs, load_annotations
 from ssv2prep.errors import ConfigError, ShardError
 from ssv2prep.fsutil import output_lock, output_write_error, write_problem
-from ssv2prep.prep.decode import cpu_count
 from ssv2prep.prep.index import WORK_DIR, SplitSummary, json_bytes, write_classes, write_split_files
 from ssv2prep.prep.plan import ShardSpec, carve_holdout, plan_shards, select_part
 from ssv2prep.prep.shard import ON_ERROR, ShardStats, WriterSettings, find_video, write_shard
+from ssv2prep.workers import cpu_count, worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +197,6 @@ def _remove_stale_temps(out_dir: Path, specs: list[ShardSpec] | None = None) -> 
         tmp.unlink(missing_ok=True)
 
 
-def _ignore_sigint() -> None:
-    # Pool workers leave Ctrl-C to the parent, which stops them itself: a worker that took the terminal's SIGINT
-    # would die with a traceback or turn its shard into a failed result.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _stop_pool(pool: ProcessPoolExecutor) -> None:
     """Stop every worker now (SIGTERM, then SIGKILL for one that hangs), not after the queue has drained."""
     # The executor has no public way to stop running calls before Python 3.14; its process table is the only handle.
@@ -256,10 +249,9 @@ def _run_pool(
                 raise
             results.append(stats)
         return results
-    ctx = multiprocessing.get_context("forkserver")
     results: list[ShardStats] = []
     recorded: set[int] = set()
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx, initializer=_ignore_sigint)
+    pool = worker_pool(min(workers, len(todo)), preload=["ssv2prep.prep.shard"])
     futures = []
     try:
         futures = [pool.submit(job, spec) for spec in todo]

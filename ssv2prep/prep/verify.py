@@ -19,15 +19,12 @@ import hashlib
 import io
 import json
 import logging
-import multiprocessing
 import os
 import re
-import signal
 import tarfile
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -38,6 +35,7 @@ from ssv2prep import storage
 from ssv2prep.errors import ConfigError, ShardError
 from ssv2prep.prep.index import WORK_DIR, read_classes, read_index, read_manifest
 from ssv2prep.prep.plan import DATASET_NAME
+from ssv2prep.workers import cpu_count, worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -325,33 +323,6 @@ def _close_split(folder: str, names: set[str], split: _Split, checks: list[Shard
     report.problems += _check_manifest(folder, names, index, seen)
 
 
-def _worker_init(environ: dict[str, str]) -> None:
-    # Ctrl-C is the parent's to handle (it stops the pool); a worker taking it would print a traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A fork server keeps the environment it was started with; the workers need the parent's as it is now (the
-    # object store's credentials and endpoint).
-    os.environ.clear()
-    os.environ.update(environ)
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return os.cpu_count() or 1
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """`fork` while this process runs no other thread (workers start at once, modules already imported), else
-    `forkserver`: forking a process with threads (an object store's IO loop, a progress bar) can copy a lock held
-    mid-use into a child that then waits on it forever."""
-    if threading.active_count() == 1 and "fork" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("fork")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])  # imported once in the fork server, not once per worker
-    return ctx
-
-
 def _run_checks(tasks: list[ShardTask], workers: int, on_shard: Callable[[str], None] | None) -> list[ShardCheck]:
     """`check_shard` over `tasks`, in a process pool when `workers` > 1; results in task order."""
     results: list[ShardCheck | None] = [None] * len(tasks)
@@ -361,10 +332,7 @@ def _run_checks(tasks: list[ShardTask], workers: int, on_shard: Callable[[str], 
             if on_shard:
                 on_shard(storage.basename(task.url))
     else:
-        ctx = _pool_context()
-        pool = ProcessPoolExecutor(
-            max_workers=min(workers, len(tasks)), mp_context=ctx, initializer=_worker_init, initargs=(dict(os.environ),)
-        )
+        pool = worker_pool(min(workers, len(tasks)), preload=[__name__])
         try:
             futures = {pool.submit(check_shard, task): i for i, task in enumerate(tasks)}
             for fut in as_completed(futures):
@@ -424,7 +392,7 @@ def verify_folder(
         if split.index is not None
         for e in split.index["shardlist"]
     ]
-    checks = iter(_run_checks(tasks, workers or _cores(), on_shard))
+    checks = iter(_run_checks(tasks, workers or cpu_count(), on_shard))
     for split in splits:
         n = len(split.index["shardlist"]) if split.index is not None else 0
         _close_split(root, listed, split, [next(checks) for _ in range(n)], report)
