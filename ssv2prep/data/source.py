@@ -81,6 +81,7 @@ class ShardSource:
         split: the split name (`train`, `validation`, ...) when known.
         format: `frames` or `video` when an index says so (samples are recognised by their members anyway).
         index_url: where the index was read from, or None.
+        classes_from: where `classes` were read from (the index's `class_names`, or the class file beside it).
         num_classes: the index's `num_classes` (else the length of `classes`), or None when unknown.
         filesizes, md5sums: per shard, what the index says its bytes are (None per entry or as a whole when it
             does not say); a shard cache keeps only copies that match both.
@@ -93,6 +94,7 @@ class ShardSource:
     split: str | None
     format: str | None = None
     index_url: str | None = None
+    classes_from: str | None = None
     num_classes: int | None = None
     filesizes: tuple[int | None, ...] | None = None
     md5sums: tuple[str | None, ...] | None = None
@@ -201,37 +203,40 @@ def _read_remote_index(url: str) -> dict[str, Any]:
     return check_index(obj, url)
 
 
-def _classes_beside(index_url: str, index: dict[str, Any]) -> tuple[str, ...] | None:
-    """The class file an index names (`classes.json` beside it), or None (with a warning) when absent/unreadable."""
+def _classes_beside(index_url: str, index: dict[str, Any]) -> tuple[tuple[str, ...] | None, str]:
+    """(the class file an index names, read beside it, or None with a warning when absent/unreadable; its URL)."""
     name = str(index.get("classes", "classes.json"))
+    if not _is_http(index_url):  # local or object store: the shard side's reader (storage, folder-bound)
+        where = f"{name} beside {index_url}"
+        try:
+            return tuple(read_classes(index_url, index)), storage.join(storage.parent(index_url), name)
+        except (ShardError, ConfigError) as exc:
+            log.warning("%s: no class names (%s)", index_url, exc)
+            return None, where
+    url = urljoin(index_url, name)
     try:
-        if _is_http(index_url):
-            data = _fetch_http(urljoin(index_url, name))
-        elif _is_store(index_url):
-            data = _fetch_store(storage.join(storage.parent(index_url), name))
-        else:
-            return tuple(read_classes(index_url, index))
-        classes = json.loads(data or b"")
+        classes = json.loads(_fetch_http(url) or b"")
     except (ShardError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         log.warning("%s: the index carries no class_names and no class list is usable beside it (%s)", index_url, exc)
-        return None
+        return None, url
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         log.warning("%s: the class list beside the index is not a list of names; class names unknown", index_url)
-        return None
-    return tuple(classes)
+        return None, url
+    return tuple(classes), url
 
 
-def _read_classes(index_url: str, index: dict[str, Any]) -> tuple[str, ...] | None:
-    """The index's classes: its own `class_names`, else the class file beside it; None when neither exists.
+def _read_classes(index_url: str, index: dict[str, Any]) -> tuple[tuple[str, ...] | None, str]:
+    """(the index's classes: its own `class_names`, else the class file beside it, None when neither exists;
+    where they were read from, for messages).
 
     Raises:
         ShardError: `class_names` that is not a list of names, or a list whose length differs from `num_classes`.
     """
     names = index.get("class_names")
     if names is None:
-        classes = _classes_beside(index_url, index)
+        classes, where = _classes_beside(index_url, index)
     elif isinstance(names, list) and all(isinstance(c, str) for c in names):
-        classes = tuple(names)
+        classes, where = tuple(names), f"{index_url} (its class_names)"
     else:
         raise ShardError(f"{index_url}: class_names must be a list of class names")
     declared = index.get("num_classes")
@@ -239,12 +244,12 @@ def _read_classes(index_url: str, index: dict[str, Any]) -> tuple[str, ...] | No
         raise ShardError(
             f"{index_url}: the index says num_classes {declared}, but its class list has {len(classes)} names"
         )
-    return classes
+    return classes, where
 
 
 def index_classes(index_url: str, index: dict[str, Any]) -> tuple[str, ...] | None:
     """The classes of a parsed index read from `index_url` (local path or URL), as `resolve_source` finds them."""
-    return _read_classes(_local_path(index_url), index)
+    return _read_classes(_local_path(index_url), index)[0]
 
 
 def _local_path(url: str) -> str:
@@ -267,7 +272,7 @@ def _flip_pairs(index_url: str, index: dict[str, Any]) -> tuple[tuple[int, int],
 def _from_index(index_url: str, index: dict[str, Any]) -> ShardSource:
     entries = index["shardlist"]
     base = index_url if _is_http(index_url) or _is_store(index_url) else _local_path(index_url)
-    classes = _read_classes(base, index)
+    classes, classes_from = _read_classes(base, index)
     declared = index.get("num_classes")
     return ShardSource(
         urls=tuple(_join(base, e["url"]) for e in entries),
@@ -277,6 +282,7 @@ def _from_index(index_url: str, index: dict[str, Any]) -> ShardSource:
         split=index.get("split"),
         format=index.get("format"),
         index_url=index_url,
+        classes_from=classes_from,
         num_classes=declared if isinstance(declared, int) else (len(classes) if classes is not None else None),
         filesizes=tuple(e["filesize"] if isinstance(e.get("filesize"), int) else None for e in entries),
         md5sums=tuple(e["md5sum"] if isinstance(e.get("md5sum"), str) else None for e in entries),

@@ -223,21 +223,8 @@ def _classes(source: Any, from_ckpt: list[str] | None, num_classes: int, checkpo
 
 
 def class_list_source(source: Any) -> str:
-    """Where a shard source's class names were read from (the index's own `class_names`, else the class file beside
-    it), for messages."""
-    index_url = source.index_url
-    if index_url is None:
-        return "the data's class list"
-    index: dict[str, Any] = {}
-    if "://" not in index_url or index_url.startswith("file://"):
-        local = index_url.removeprefix("file://")
-        with contextlib.suppress(OSError, ValueError):
-            index = json.loads(Path(local).read_text(encoding="utf-8"))
-        if isinstance(index, dict) and index.get("class_names") is not None:
-            return f"{local} (its class_names)"
-        name = str(index.get("classes", "classes.json")) if isinstance(index, dict) else "classes.json"
-        return str(Path(local).parent / name)
-    return f"{index_url} (its class_names, else the classes.json beside it)"
+    """Where a shard source's class names were read from, for messages."""
+    return source.classes_from or source.index_url or "the data's class list"
 
 
 CONFUSION_NAMES_UP_TO = 40  # class names on the heat map's axes up to this many classes; indices above

@@ -168,22 +168,11 @@ def check_same_classes(train: Any, val: Any) -> None:
         what = f"{len(a)} vs {len(b)} classes"
         what += f"; only in --val: {extra[:3]}" if extra else ""
         what += f"; only in --train: {missing[:3]}" if missing else ""
+    val_from, train_from = val.classes_from or val.index_url, train.classes_from or train.index_url
     raise ConfigError(
-        f"--val and --train label different classes: {_classes_file(val)} vs {_classes_file(train)}: {what}. "
+        f"--val and --train label different classes: {val_from} vs {train_from}: {what}. "
         "Shard both splits with the same labels (classes.json)"
     )
-
-
-def _classes_file(source: Any) -> str:
-    """Where a source's class list comes from: the file its (local) index names, else the index itself."""
-    index = source.index_url
-    if index is None:
-        return "(no index)"
-    try:
-        named = json.loads(Path(index).read_text(encoding="utf-8")).get("classes")
-    except (OSError, ValueError, AttributeError):
-        return index
-    return str(Path(index).parent / named) if isinstance(named, str) else index
 
 
 def build_model(cfg: TrainConfig, classes: list[str] | None, info: DistInfo) -> nn.Module:

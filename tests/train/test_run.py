@@ -697,7 +697,8 @@ def test_val_with_other_classes_stops_before_the_first_step(tiny_shards: Path, t
     assert result.exit_code == 2 and "Traceback" not in result.output
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: --val and --train label different classes")
-    assert str(shards / "val-classes.json") in line and str(shards / "classes.json") in line
+    # each side named where its names came from: the val index's class file, the train index's own class_names
+    assert str(shards / "val-classes.json") in line and f"{shards / 'ssv2-train.json'} (its class_names)" in line
     assert ("another order (label 0" in line) if how == "reordered" else ("4 vs 5 classes" in line)
     assert not out.exists()  # nothing trained, nothing written
 
