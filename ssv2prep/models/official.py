@@ -285,23 +285,9 @@ def _settings_for(path: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in parsed.items() if k in fields and v is not None}
 
 
-class _DropInitLine(logging.Filter):
-    """Drops `build_tsm`'s 'built <backbone> backbone (weights: ...)' record: it names the init of a model whose
-    weights are about to be replaced by a checkpoint's."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("built %s backbone")
-
-
 def build_for_checkpoint(cfg: ModelConfig) -> TSM:
-    """`build_tsm(cfg)` for a model whose weights are loaded next: without the misleading 'random init' log line."""
-    tsm_log = logging.getLogger(build_tsm.__module__)
-    quiet = _DropInitLine()
-    tsm_log.addFilter(quiet)
-    try:
-        return build_tsm(cfg)
-    finally:
-        tsm_log.removeFilter(quiet)
+    """`build_tsm(cfg)` for a model whose weights are loaded next, without logging an init that is replaced."""
+    return build_tsm(cfg, announce=False)
 
 
 def load_official(

@@ -317,23 +317,26 @@ def describe_key_mismatch(missing: list[str], unexpected: list[str], *, limit: i
     )
 
 
-def _build_backbone(cfg: ModelConfig) -> nn.Module:
+def _build_backbone(cfg: ModelConfig, *, announce: bool) -> nn.Module:
     spec = BACKBONES[cfg.backbone]
     tv_weights = _torchvision_weights(cfg.backbone, cfg.weights) if cfg.weights else None
     base = torchvision.models.get_model(cfg.backbone, weights=tv_weights)
     if cfg.weights and tv_weights is None:
         _load_local_backbone(base, cfg.weights, spec.head)
-    log.info("built %s backbone (weights: %s)", cfg.backbone, cfg.weights or "random init")
+    if announce:
+        log.info("built %s backbone (weights: %s)", cfg.backbone, cfg.weights or "random init")
     return base
 
 
-def build_tsm(cfg: ModelConfig) -> TSM:
+def build_tsm(cfg: ModelConfig, *, announce: bool = True) -> TSM:
     """Build the TSM model `cfg` describes.
 
     Order, as the official code: backbone (with weights) -> shifts -> head replaced by dropout -> `new_fc`.
 
     Args:
         cfg: the model configuration; validated here.
+        announce: log the backbone's init and the shifts inserted (off for a model whose weights a checkpoint
+            replaces next: its loader says what was loaded instead).
 
     Returns:
         A `TSM` in train mode whose state-dict keys are `base_model.*` then `new_fc.*`.
@@ -344,11 +347,12 @@ def build_tsm(cfg: ModelConfig) -> TSM:
     """
     cfg.validate()
     spec = BACKBONES[cfg.backbone]
-    base = _build_backbone(cfg)
+    base = _build_backbone(cfg, announce=announce)
     feature_dim = spec.feature_dim(base)
     if cfg.shift_div > 0:
         count = spec.add_shift[cfg.shift_place](base, cfg)
-        log.info("inserted %d %s %s temporal shifts (1/%d)", count, cfg.shift_mode, cfg.shift_place, cfg.shift_div)
+        if announce:
+            log.info("inserted %d %s %s temporal shifts (1/%d)", count, cfg.shift_mode, cfg.shift_place, cfg.shift_div)
     setattr(base, spec.head, nn.Dropout(p=cfg.dropout) if cfg.dropout > 0 else nn.Identity())
     return TSM(cfg, base, feature_dim)
 
