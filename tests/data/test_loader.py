@@ -171,7 +171,8 @@ def test_http_source_from_the_faulty_server(shards: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ decode only sampled
-def test_only_the_sampled_frames_are_decoded(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every JPEG the loader decodes from now on, appended to the returned list (the real decoder still runs)."""
     decoded: list[bytes] = []
     real = decode_mod.decode_one_jpeg
 
@@ -180,6 +181,11 @@ def test_only_the_sampled_frames_are_decoded(shards: Path, monkeypatch: pytest.M
         return real(data)
 
     monkeypatch.setattr(decode_mod, "decode_one_jpeg", counting)
+    return decoded
+
+
+def test_only_the_sampled_frames_are_decoded(shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    decoded = _count_decodes(monkeypatch)
     src = resolve_source(str(shards / "ssv2-train.json"))
     keys, _, clips = collect(build_eval_loader(src, SMALL))
     expected: list[bytes] = []
@@ -255,14 +261,7 @@ def test_an_epoch_reads_every_clip_once_from_ragged_shards(
 
 def test_a_rank_decodes_only_its_own_samples(ragged: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # rank 0 of 2 shares shards with rank 1; the other rank's samples are passed over by tar header, undecoded
-    decoded: list[bytes] = []
-    real = decode_mod.decode_one_jpeg
-
-    def counting(data: bytes) -> torch.Tensor:
-        decoded.append(data)
-        return real(data)
-
-    monkeypatch.setattr(decode_mod, "decode_one_jpeg", counting)
+    decoded = _count_decodes(monkeypatch)
     src = resolve_source(str(ragged / "ssv2-train.json"))
     cfg = DataConfig(**{**_fields(SMALL), "batch_size": 3})
     loader = build_train_loader(src, cfg, rank=0, world_size=2, seed=5)
