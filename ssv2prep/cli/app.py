@@ -8,13 +8,15 @@ imports (torch, av) happen inside command bodies so `--help` stays fast.
 
 from __future__ import annotations
 
+import faulthandler
+import io
 import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -166,6 +168,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool, malloc: str
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    _enable_faulthandler()
     if ctx.invoked_subcommand in SIGTERM_COMMANDS and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
     _setup_logging(verbose, quiet)
@@ -173,6 +176,15 @@ def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool, malloc: str
     if in_effect != malloc:  # not glibc, or `kept` was applied earlier in this process
         logging.getLogger("ssv2prep").debug("--malloc %s asked for; the process runs with %s", malloc, in_effect)
     os.environ[MALLOC_ENV_VAR] = malloc  # stages that `run` and `demo` start as subprocesses follow the choice
+
+
+def _enable_faulthandler() -> None:
+    """A crash in native code (gloo, FFmpeg, libjpeg) prints the Python stack of every thread to stderr before the
+    process dies, so a batch job's log says where it was (not only "exitcode -6"). No-op where stderr is not a file
+    (click's test runner)."""
+    if not faulthandler.is_enabled():
+        with suppress(AttributeError, ValueError, io.UnsupportedOperation):
+            faulthandler.enable(all_threads=True)
 
 
 def split_list(value: str) -> tuple[str, ...]:
