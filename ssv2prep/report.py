@@ -212,6 +212,9 @@ class _Split:
     shards_scanned: int = 0
     notes: list[str] = field(default_factory=list)
     folder: _Folder | None = None  # where the index lies, with its listing (None: only in tests of the plots)
+    scanned: set[str] = field(default_factory=set)  # shard urls scanned
+    chosen: list[_Entry] | None = None  # the contact-sheet videos, once chosen
+    samples: dict[str, RawSample] = field(default_factory=dict)  # members of chosen videos read so far, by id
 
     @property
     def ok(self) -> list[_Entry]:
@@ -297,18 +300,31 @@ def _split_member(name: str) -> tuple[str, str]:
     return (f"{folder}/{key}" if folder else key), suffix
 
 
-def _scan_shard(url: str) -> list[dict[str, Any]]:
-    """The sample JSON objects of one shard, read by random access (JPEG members are skipped, not read)."""
-    metas = []
+def _read_shard(url: str, keys: set[str], *, metas: bool) -> tuple[list[dict[str, Any]], dict[str, RawSample]]:
+    """One pass over a shard by random access: the sample JSON objects (when `metas`) and the members (bytes,
+    undecoded) of the samples `keys`. Other members are skipped, not read; without `metas` reading stops once every
+    key was read, so a remote shard is fetched only up to its last wanted sample."""
+    found_metas: list[dict[str, Any]] = []
+    found: dict[str, dict[str, bytes]] = {}
     with _open_tar(url) as tar:
         for info in tar:
-            if not info.isfile() or _split_member(info.name)[1] != "json":
+            if not info.isfile():
+                continue
+            key, suffix = _split_member(info.name)
+            wanted = key in keys
+            if not wanted and not metas and len(found) == len(keys):
+                break
+            if not wanted and suffix != "json":
                 continue
             fh = tar.extractfile(info)
-            meta = json.loads(fh.read()) if fh is not None else None
-            if isinstance(meta, dict):
-                metas.append(meta)
-    return metas
+            data = fh.read() if fh is not None else b""
+            if wanted:
+                found.setdefault(key, {})[suffix] = data
+            if metas and suffix == "json":
+                meta = json.loads(data)
+                if isinstance(meta, dict):
+                    found_metas.append(meta)
+    return found_metas, {key: RawSample(key, members, url) for key, members in found.items()}
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -376,19 +392,27 @@ def _load_split(folder: _Folder, index_name: str) -> _Split:
     )
 
 
-def _scan_split(split: _Split, limit: int | None, on_progress: Progress) -> None:
-    """Frame sizes (and, without a manifest, the entries) from the sample JSONs of the split's shards."""
+def _scan_urls(split: _Split, limit: int | None) -> list[str]:
+    """The shard urls scanned for frame sizes: the first `limit` (all without a manifest: they are the entries)."""
     urls = [str(e["url"]) for e in split.index["shardlist"]]
-    todo = urls if (limit is None or not split.from_manifest) else urls[:limit]
+    return urls if (limit is None or not split.from_manifest) else urls[:limit]
+
+
+def _scan_split(split: _Split, todo: list[str], on_progress: Progress) -> None:
+    """Frame sizes (and, without a manifest, the entries) from the sample JSONs of the shards `todo`; the members
+    of the contact-sheet videos chosen so far (`split.chosen`) are kept from the same pass."""
+    keys = {e.id for e in split.chosen or []}
     for k, url in enumerate(todo, start=1):
         shard = _shard_url(split, url)
         try:
-            metas = _scan_shard(shard)
+            metas, samples = _read_shard(shard, keys, metas=True)
         except (OSError, storage.StorageError, tarfile.TarError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             split.notes.append(f"shard {url} could not be scanned ({' '.join(str(exc).split())[:160]})")
             log.warning("%s: cannot scan shard (%s)", shard, exc)
             continue
         split.shards_scanned += 1
+        split.scanned.add(url)
+        split.samples.update(samples)
         for meta in metas:
             width, height = _int_or_none(meta.get("width")), _int_or_none(meta.get("height"))
             if width and height:
@@ -650,8 +674,13 @@ def _tiles(clip_tchw: torch.Tensor, tile_px: int) -> list[Image.Image]:
     return [Image.fromarray(f, "RGB").resize((tile_px, tile_px), Image.Resampling.BILINEAR) for f in frames]
 
 
-def _choose(split: _Split, per_class: int, seed: int) -> list[_Entry]:
-    """`per_class` ok entries of every class (fewer where a class has fewer), seeded; ordered by class, then id."""
+def _choose(split: _Split, per_class: int, seed: int, preferred: set[str] | None = None) -> list[_Entry]:
+    """`per_class` ok entries of every class (fewer where a class has fewer), seeded; ordered by class, then id.
+
+    Entries in the shards `preferred` (those scanned anyway) are drawn first and others only for classes those
+    shards hold too few of, so a remote report reads few other shards; with every shard preferred (a local folder
+    scanned whole) the draw is a plain seeded choice.
+    """
     by_class: dict[int, list[_Entry]] = defaultdict(list)
     for entry in split.ok:
         by_class[-1 if entry.label is None else entry.label].append(entry)
@@ -659,39 +688,38 @@ def _choose(split: _Split, per_class: int, seed: int) -> list[_Entry]:
     chosen = []
     for label in sorted(by_class):
         pool = sorted(by_class[label], key=lambda e: (len(e.id), e.id))
-        picks = rng.choice(len(pool), size=min(per_class, len(pool)), replace=False)
-        chosen.extend(pool[int(i)] for i in sorted(picks))
+        near = [k for k, e in enumerate(pool) if preferred is None or e.shard in preferred]
+        far = [k for k, e in enumerate(pool) if preferred is not None and e.shard not in preferred]
+        picks = _draw(rng, near, per_class)
+        if len(picks) < per_class and far:
+            picks += _draw(rng, far, per_class - len(picks))
+        chosen.extend(pool[k] for k in sorted(picks))
     return chosen
 
 
-def _read_samples(url: str, keys: set[str]) -> dict[str, RawSample]:
-    """The members (bytes, undecoded) of the samples `keys` of one shard; stops once all were read, so a remote
-    shard is fetched only up to its last wanted sample."""
-    found: dict[str, dict[str, bytes]] = {}
-    with _open_tar(url) as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, suffix = _split_member(info.name)
-            if key not in keys:
-                if len(found) == len(keys):
-                    break
-                continue
-            fh = tar.extractfile(info)
-            found.setdefault(key, {})[suffix] = fh.read() if fh is not None else b""
-    return {key: RawSample(key, members, url) for key, members in found.items()}
+def _draw(rng: np.random.Generator, items: list[int], count: int) -> list[int]:
+    """`count` of `items` (all of them when fewer), drawn without replacement."""
+    return [items[int(i)] for i in rng.choice(len(items), size=min(count, len(items)), replace=False)]
+
+
+def _sheet_splits(splits: list[_Split]) -> list[_Split]:
+    """The splits that get contact sheets: train and validation where present, else the first."""
+    return [s for s in splits if s.name in CONTACT_SPLITS] or splits[:1]
 
 
 def _blocks(split: _Split, cfg: ReportConfig, on_progress: Progress) -> tuple[list[_Block], list[_Entry]]:
     """The contact-sheet blocks of the chosen videos of a split (in `_choose` order) and the entries shown."""
-    chosen = _choose(split, cfg.videos_per_class, cfg.seed)
+    if split.chosen is None:
+        split.chosen = _choose(split, cfg.videos_per_class, cfg.seed, split.scanned)
+    chosen = split.chosen
     by_shard: dict[str, set[str]] = defaultdict(set)
     for entry in chosen:
-        by_shard[entry.shard].add(entry.id)
-    samples: dict[str, RawSample] = {}
+        if entry.id not in split.samples:
+            by_shard[entry.shard].add(entry.id)
+    samples = dict(split.samples)
     for shard, keys in sorted(by_shard.items()):
         try:
-            samples.update(_read_samples(_shard_url(split, shard), keys))
+            samples.update(_read_shard(_shard_url(split, shard), keys, metas=False)[1])
         except (OSError, storage.StorageError, tarfile.TarError) as exc:
             split.notes.append(f"contact sheet: shard {shard} could not be read ({' '.join(str(exc).split())[:160]})")
     tile = sheet_tile_px(cfg.crop_size)
@@ -897,11 +925,13 @@ def _load_all(cfg: ReportConfig, on_progress: Progress) -> list[_Split]:
     folder, names = _find_splits(cfg.source)
     if not names:
         raise ShardError(f"{cfg.source}: no shard index ({DATASET_NAME}-<split>.json) found; is this a shard folder?")
-    splits = []
-    for name in names:
-        split = _load_split(folder, name)
-        _scan_split(split, cfg.scan_limit, on_progress)
-        splits.append(split)
+    splits = [_load_split(folder, name) for name in names]
+    sheets = {id(s) for s in _sheet_splits(splits)} if cfg.videos_per_class > 0 else set()
+    for split in splits:
+        todo = _scan_urls(split, cfg.scan_limit)
+        if id(split) in sheets and split.from_manifest:  # chosen before the scan, which then reads them too
+            split.chosen = _choose(split, cfg.videos_per_class, cfg.seed, set(todo))
+        _scan_split(split, todo, on_progress)
     return splits
 
 
@@ -1005,7 +1035,7 @@ def _write_outputs(
     _say(on_progress, f"wrote {len(images)} plots to {out_dir}")
     sheets: list[tuple[str, Path, list[_Entry]]] = []
     if cfg.videos_per_class > 0:
-        for split in [s for s in splits if s.name in CONTACT_SPLITS] or splits[:1]:
+        for split in _sheet_splits(splits):
             sheets += [(split.name, path, shown) for path, shown in _write_sheets(split, cfg, out_dir, on_progress)]
     images += [path for _, path, _ in sheets]
     page = out_dir / "report.md"

@@ -496,3 +496,26 @@ def test_bad_urls_and_missing_indexes_are_one_line_errors(s3, tiny_shards: Path,
     code, _, stderr = _cli(f"s3://{bucket}/broken", "--out", tmp_path / "d")
     _assert_one_line_error(code, stderr, f"s3://{bucket}/broken/ssv2-validation.json", "not a shard index")
     assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_contact_sheet_videos_come_from_scanned_shards_first(tmp_path: Path) -> None:
+    from ssv2prep.report import _choose, _Entry, _Split
+
+    # class 0: 3 videos in the scanned shard a, 3 elsewhere; class 1: 1 in a, 4 elsewhere; class 2: none in a
+    layout = {0: ["a"] * 3 + ["b"] * 3, 1: ["a"] + ["c"] * 4, 2: ["b", "c"]}
+    entries = [
+        _Entry(id=f"{c}{k}", label=c, status="ok", shard=f"{shard}.tar", num_frames=20)
+        for c, shards in layout.items()
+        for k, shard in enumerate(shards)
+    ]
+    split = _Split("train", tmp_path / "x.json", {}, ["x", "y", "z"], entries, True, None)
+    every = {"a.tar", "b.tar", "c.tar"}
+    for seed in range(5):
+        chosen = _choose(split, 2, seed, {"a.tar"})
+        by_class = {c: [e for e in chosen if e.label == c] for c in layout}
+        assert [len(v) for v in by_class.values()] == [2, 2, 2]
+        assert {e.shard for e in by_class[0]} == {"a.tar"}
+        assert sorted(e.shard for e in by_class[1]) == ["a.tar", "c.tar"]
+        assert chosen == _choose(split, 2, seed, {"a.tar"})  # seeded
+        assert _choose(split, 2, seed, every) == _choose(split, 2, seed)  # everything scanned: a plain draw
+    assert len({tuple(e.id for e in _choose(split, 2, seed, {"a.tar"})) for seed in range(8)}) > 1
