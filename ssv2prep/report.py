@@ -29,6 +29,7 @@ import math
 import os
 import re
 import tarfile
+import tempfile
 import textwrap
 import zlib
 from collections import Counter, defaultdict
@@ -86,9 +87,9 @@ class ReportConfig:
         shard_dir: the prepared folder (indexes, manifests, stats, classes.json, shards): a local folder or a
             store prefix (`s3://bucket/prefix`, `gs://...`), or one shard index file or URL (`.../ssv2-train.json`,
             also `https://...`: an http folder cannot be listed), read through `ssv2prep.storage`.
-        out_dir: the local folder where report.md and its PNGs go; default `<name>-report` (see
-            `resolved_out_dir`), never inside the shard folder, so syncing the shards to a bucket does not carry
-            the report along.
+        out_dir: the local folder where report.md and its PNGs go, or an object-store prefix they are uploaded to
+            (`out_url`); default `<name>-report` (see `resolved_out_dir`), never inside the shard folder, so syncing
+            the shards to a bucket does not carry the report along.
         videos_per_class: videos per class on the contact sheets (0: no contact sheets).
         num_segments: T, frames per clip (as the loader's `DataConfig.num_segments`).
         crop_size: crop side in pixels (as `DataConfig.crop_size`).
@@ -123,10 +124,11 @@ class ReportConfig:
                 allowed = allowed.replace("crop_size", "--crop-size")
                 raise ConfigError(f"report: {flag} {getattr(self, name)!r} is out of range; allowed: {allowed}")
         storage.scheme_of(self.source)  # an unknown scheme is a ConfigError naming it
-        if self.out_dir is not None and storage.is_remote(self.out_dir):
+        out_scheme = None if self.out_dir is None else storage.scheme_of(self.out_dir)
+        if out_scheme is not None and not storage.SCHEMES[out_scheme][1]:
             raise ConfigError(
-                f"report: --out {os.fspath(self.out_dir)} is not a local folder; write the report to one, then copy "
-                "it to the store (e.g. aws s3 sync)"
+                f"report: --out {os.fspath(self.out_dir or '')}: {out_scheme}:// is read-only; give a local folder "
+                "or an object-store prefix (s3://, gs://)"
             )
 
     @property
@@ -157,6 +159,11 @@ class ReportConfig:
         return REMOTE_SHARDS_SCANNED if self.is_remote else None
 
     @property
+    def out_url(self) -> str | None:
+        """`out_dir` when it is an object-store prefix (the report is then written locally and uploaded)."""
+        return os.fspath(self.out_dir) if self.out_dir is not None and storage.is_remote(self.out_dir) else None
+
+    @property
     def resolved_out_dir(self) -> Path:
         """`out_dir`; when unset, `<name>-report` beside a local shard folder, or in the current folder for a
         remote one (beside it would be the bucket)."""
@@ -174,13 +181,13 @@ class ReportResult:
     """What `write_report` wrote.
 
     Attributes:
-        page: `out_dir/report.md`.
-        images: every PNG written (plots, then contact sheets), all in `out_dir`.
+        page: `out_dir/report.md` (a URL for an object-store `out_dir`).
+        images: every PNG written (plots, then contact sheets), all beside the page.
         counts: per split: `entries`, `ok`, `failed`, `missing`, `shards`, `frames`, `bytes` (as the page states).
     """
 
-    page: Path
-    images: list[Path]
+    page: Path | str
+    images: list[Path] | list[str]
     counts: dict[str, dict[str, int]]
 
 
@@ -889,12 +896,34 @@ def _notes_section(splits: list[_Split], counts: dict[str, dict[str, int]]) -> l
 
 
 # ------------------------------------------------------------------------------------------------- orchestrator
+def _is_report_image(name: str) -> bool:
+    """Whether `name` is a PNG name this module writes (the only files a re-run removes)."""
+    return name in PLOT_NAMES or (name.startswith("contact-") and name.endswith(".png"))
+
+
 def _remove_stale(out_dir: Path, written: list[Path]) -> None:
     """Delete PNGs of an earlier report in `out_dir` that this run did not write (only names this module uses)."""
-    keep = set(written)
-    for path in [*(out_dir / n for n in PLOT_NAMES), *out_dir.glob("contact-*.png")]:
-        if path not in keep and path.is_file():
+    keep = {p.name for p in written}
+    for path in out_dir.iterdir():
+        if _is_report_image(path.name) and path.name not in keep and path.is_file():
             path.unlink()
+
+
+def _publish(local: ReportResult, out_url: str, on_progress: Progress) -> ReportResult:
+    """Upload a report written locally to the prefix `out_url`: the images, then the page (so the page never links
+    an image not there yet), then remove the images of an earlier report there that this one did not write."""
+    images = []
+    for path in local.images:
+        images.append(storage.join(out_url, path.name))
+        storage.upload(path, images[-1])
+    keep = {p.name for p in local.images}
+    stale = [n for n in storage.list_names(out_url) if _is_report_image(n) and n not in keep]
+    page = storage.join(out_url, "report.md")
+    storage.upload(local.page, page)
+    for name in stale:
+        storage.remove(storage.join(out_url, name))
+    _say(on_progress, f"uploaded {page} and {len(images)} images")
+    return ReportResult(page=page, images=images, counts=local.counts)
 
 
 def _find_splits(source: str) -> tuple[_Folder, list[str]]:
@@ -993,7 +1022,8 @@ def write_report(cfg: ReportConfig, *, on_progress: Callable[[str], None] | None
     """Write `report.md` and its PNGs (plots and contact sheets) for the shard folder `cfg.shard_dir`.
 
     Re-running overwrites the page and its images (atomically) and removes images of an earlier run that no longer
-    apply. Nothing is written outside `out_dir`; shards are read only inside the folder. Without a manifest, every
+    apply. Nothing is written outside `out_dir` (an object-store `out_dir` gets the files of a local temporary
+    folder, one upload each); shards are read only inside the folder. Without a manifest, every
     shard of that split is scanned whatever `max_shards_scanned` says (the sample JSONs are then the only entries).
 
     Args:
@@ -1008,14 +1038,20 @@ def write_report(cfg: ReportConfig, *, on_progress: Callable[[str], None] | None
         ShardError: the folder holds no shard index, or an index/manifest/class list that cannot be read, or an
             index that lists a shard outside the folder.
         OutputWriteError: `out_dir` cannot be written (full, read-only, denied).
+        StorageError: an object-store `out_dir` cannot be written.
     """
     cfg.validate()
-    out_dir = cfg.resolved_out_dir
     splits = _load_all(cfg, on_progress)
     counts = {s.name: _split_counts(s) for s in splits}
     failures = {s.name: _failure_counts(s) for s in splits}
+    out_url = cfg.out_url
+    out_dir = cfg.resolved_out_dir if out_url is None else Path(tempfile.gettempdir())
     try:
-        return _write_outputs(cfg, out_dir, splits, counts, failures, on_progress)
+        if out_url is None:
+            return _write_outputs(cfg, out_dir, splits, counts, failures, on_progress)
+        with tempfile.TemporaryDirectory(prefix="ssv2prep-report-") as tmp:  # the files to upload
+            local = _write_outputs(cfg, Path(tmp), splits, counts, failures, on_progress)
+            return _publish(local, out_url, on_progress)
     except OSError as exc:
         if write_problem(exc) is None:
             raise

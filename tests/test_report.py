@@ -381,6 +381,38 @@ def test_an_s3_shard_folder_gives_the_same_report_as_its_local_copy(
         assert sorted(labels[i] for i in ids) == list(range(len(classes)))
 
 
+def test_an_s3_out_gets_the_same_files_and_a_rerun_drops_stale_images(
+    s3, tiny_shards: Path, local_small_report: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the files to upload are staged
+    bucket = s3.new_bucket()
+    prefix = f"s3://{bucket}/reports/tiny"
+    s3.client.put_object(Bucket=bucket, Key="reports/tiny/contact-notes.txt", Body=b"mine")
+    code, stdout, stderr = _cli(tiny_shards, "--out", prefix, "--max-shards-scanned", "1", *SMALL_SHEETS)
+    assert code == 0, stderr
+    assert f"report: {prefix}/report.md (6 images)" in stdout
+    local_out, _ = local_small_report
+    got = {k.removeprefix("reports/tiny/"): v for k, v in s3.keys(bucket, "reports/tiny/").items()}
+    assert got == {
+        "contact-notes.txt": b"mine",
+        **{p.name: p.read_bytes() for p in local_out.iterdir()},  # same local input, so the same bytes
+    }
+    code, stdout, stderr = _cli(tiny_shards, "--out", prefix, "--max-shards-scanned", "1", "--videos-per-class", "0")
+    assert code == 0, stderr
+    names = sorted(k.removeprefix("reports/tiny/") for k in s3.keys(bucket, "reports/tiny/"))
+    assert names == [
+        "bytes.png",
+        "contact-notes.txt",
+        "frame_sizes.png",
+        "frames_per_video.png",
+        "report.md",
+        "videos_per_class.png",
+    ]
+    assert not list(tmp_path.iterdir())  # the staging folder is gone
+
+
 def _needed_shards(folder: Path, page: str) -> set[str]:
     """The shards a report with one scanned shard per split must read: the first of each split and those holding
     a contact-sheet video."""
@@ -488,8 +520,10 @@ def test_bad_urls_and_missing_indexes_are_one_line_errors(s3, tiny_shards: Path,
         _assert_one_line_error(code, stderr, prefix, "no shard index")
     code, _, stderr = _cli(tmp_path / "absent", "--out", tmp_path / "c")
     _assert_one_line_error(code, stderr, str(tmp_path / "absent"), "no shard index")
-    code, _, stderr = _cli(tiny_shards, "--out", f"s3://{bucket}/report")
-    _assert_one_line_error(code, stderr, "--out", f"s3://{bucket}/report", "not a local folder")
+    code, _, stderr = _cli(tiny_shards, "--out", "https://host/report")
+    _assert_one_line_error(code, stderr, "--out", "https://host/report", "read-only")
+    code, _, stderr = _cli(tiny_shards, "--out", "ftp://host/report")
+    _assert_one_line_error(code, stderr, "ftp://host/report", "unknown scheme ftp://")
     from ssv2prep import storage
 
     storage.write_bytes(f"s3://{bucket}/broken/ssv2-validation.json", b'{"shardlist": 3}')

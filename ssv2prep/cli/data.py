@@ -494,8 +494,8 @@ def verify(shard_dir: str, no_decode: bool, workers: int) -> None:
     "--out",
     "out_dir",
     default=None,
-    help="Local folder for the page and PNGs (default: SHARD_DIR-report beside a local SHARD_DIR; "
-    "./NAME-report in the current folder for a remote one, NAME being the prefix's last part).",
+    help="Folder or object-store prefix (s3://, gs://) for the page and PNGs (default: SHARD_DIR-report beside a "
+    "local SHARD_DIR; ./NAME-report in the current folder for a remote one, NAME being the prefix's last part).",
 )
 @click.option("--videos-per-class", type=int, default=2, show_default=True, help="Videos per class on contact sheets.")
 @click.option("--segments", type=int, default=8, show_default=True, help="Frames the loader samples per clip.")
