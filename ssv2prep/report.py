@@ -6,6 +6,13 @@ per video; `classes.json` gives class names and, with the index, the flip pairs;
 the tars by random access, never decoding a JPEG) give frame sizes. Without a manifest the stats file and the
 scanned sample JSONs stand in for it.
 
+The folder may be local or remote (`s3://bucket/prefix`, `gs://...`, or one index over `https://`): every read
+goes through `ssv2prep.storage`, and a remote report fetches only what it states. Bytes come from the index (or one
+listing), the manifests and stats are small, only `max_shards_scanned` shards per split are scanned (2 by default
+for a remote folder: scanning costs about a shard's size), and the contact-sheet videos are drawn from the scanned
+shards first and read in the same pass; another shard is opened only for a class those lack, and read only up to
+its last wanted sample.
+
 Contact sheets show, per split (train and validation when present), a few seeded videos of every class. Each video
 is a block of a caption (class name, video id, frame count, wrapped to the sheet's width) and two rows of T tiles:
 
@@ -280,14 +287,12 @@ class _Folder:
 def _shard_url(split: _Split, url: str) -> str:
     """The file or object of an index's shard url; only files inside the index's folder are read."""
     folder = storage.parent(split.index_file)
-    try:
-        if url.startswith("pipe:"):
-            raise ConfigError(url)
-        return storage.join(folder, url)
-    except ConfigError:
-        raise ShardError(
-            f"{split.index_file}: shard url {url!r} is not a file in {folder}; an index may only name files beside it"
-        ) from None
+    if not url.startswith("pipe:"):
+        with contextlib.suppress(ConfigError):  # a scheme, an absolute path or a `..` that leaves the folder
+            return storage.join(folder, url)
+    raise ShardError(
+        f"{split.index_file}: shard url {url!r} is not a file in {folder}; an index may only name files beside it"
+    )
 
 
 @contextlib.contextmanager
@@ -929,25 +934,19 @@ def _publish(local: ReportResult, out_url: str, on_progress: Progress) -> Report
 def _find_splits(source: str) -> tuple[_Folder, list[str]]:
     """The folder and the index names to report on: every `ssv2-*.json` of a folder or prefix (one listing, which
     also gives the shard sizes), or the one index a `.json` source names (the only way into an http folder)."""
+    http = storage.scheme_of(source) in ("http", "https")
     if source.endswith(".json"):
-        folder = storage.parent(source)
-        return _Folder(folder, None if storage.scheme_of(source) in ("http", "https") else _listing(folder)), [
-            storage.basename(source)
-        ]
-    if storage.scheme_of(source) in ("http", "https"):
+        folder, name = storage.parent(source), storage.basename(source)
+        if not index_names([name]):
+            raise ShardError(f"{source}: not a shard index name ({DATASET_NAME}-<split>.json)")
+        return _Folder(folder, None if http else storage.list_sizes(folder)), [name]
+    if http:
         raise ConfigError(
             f"{source}: an http(s) folder cannot be listed; give the URL of a shard index "
             f"({source.rstrip('/')}/{DATASET_NAME}-<split>.json)"
         )
-    folder = _Folder(source, _listing(source))
+    folder = _Folder(source, storage.list_sizes(source))
     return folder, index_names(list(folder.sizes or {}))
-
-
-def _listing(folder: str) -> dict[str, int]:
-    try:
-        return storage.list_sizes(folder)
-    except NotADirectoryError:
-        return {}
 
 
 def _load_all(cfg: ReportConfig, on_progress: Progress) -> list[_Split]:

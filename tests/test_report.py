@@ -427,8 +427,18 @@ def _needed_shards(folder: Path, page: str) -> set[str]:
 
 
 def test_an_s3_report_reads_only_the_shards_it_needs(
-    s3, tiny_shards: Path, local_small_report: tuple[Path, str], tmp_path: Path
+    s3, tiny_shards: Path, local_small_report: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from ssv2prep import storage
+
+    opened: Counter[str] = Counter()
+    real_open_read = storage.open_read
+
+    def counting_open_read(url):  # the real reader, counted: which objects the report opens, how often
+        opened[storage.basename(url)] += 1
+        return real_open_read(url)
+
+    monkeypatch.setattr(storage, "open_read", counting_open_read)
     local_out, _ = local_small_report
     local_page, local_images = _outputs(local_out)
     needed = _needed_shards(tiny_shards, local_page)
@@ -442,6 +452,7 @@ def test_an_s3_report_reads_only_the_shards_it_needs(
     # a shard the report opened beyond those would be a note ("could not be read"/"not found") on the page
     assert "## Notes" not in page
     assert (page, images) == (local_page, local_images)
+    assert opened == dict.fromkeys(needed, 1)  # each once: the scan pass also reads the sheet videos it holds
 
 
 def test_remote_default_out_is_in_the_current_folder_and_scans_two_shards(
