@@ -493,6 +493,7 @@ def verify(shard_dir: str, no_decode: bool, workers: int) -> None:
 @click.option(
     "--out",
     "out_dir",
+    metavar="DIR|URL",
     default=None,
     help="Folder or object-store prefix (s3://, gs://) for the page and PNGs (default: SHARD_DIR-report beside a "
     "local SHARD_DIR; ./NAME-report in the current folder for a remote one, NAME being the prefix's last part).",
@@ -522,9 +523,9 @@ def report(
 
     SHARD_DIR is a local folder, an object-store prefix (s3://bucket/prefix, gs://...) or one shard index
     (.../ssv2-train.json; the only way in over http(s)). Remote shards are not downloaded whole: byte counts come
-    from the index and the listing, and only the shards that hold contact-sheet videos (up to the last one) and the
-    scanned ones are read. The contact sheets show the frames the loader samples, with and without the training
-    augmentation.
+    from the index and the listing, only --max-shards-scanned shards per split are scanned, contact-sheet videos
+    come from those first, and another shard is read only up to a video a class needs. The contact sheets show the
+    frames the loader samples, with and without the training augmentation.
 
     \b
     Examples:
