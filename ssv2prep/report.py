@@ -6,6 +6,13 @@ per video; `classes.json` gives class names and, with the index, the flip pairs;
 the tars by random access, never decoding a JPEG) give frame sizes. Without a manifest the stats file and the
 scanned sample JSONs stand in for it.
 
+The folder may be local or remote (`s3://bucket/prefix`, `gs://...`, or one index over `https://`): every read
+goes through `ssv2prep.storage`, and a remote report fetches only what it states. Bytes come from the index (or one
+listing), the manifests and stats are small, only `max_shards_scanned` shards per split are scanned (2 by default
+for a remote folder: scanning costs about a shard's size), and the contact-sheet videos are drawn from the scanned
+shards first and read in the same pass; another shard is opened only for a class those lack, and read only up to
+its last wanted sample.
+
 Contact sheets show, per split (train and validation when present), a few seeded videos of every class. Each video
 is a block of a caption (class name, video id, frame count, wrapped to the sheet's width) and two rows of T tiles:
 
@@ -21,16 +28,19 @@ Sheet geometry (see `contact_sheet_size`): width `ROW_LABEL_PX + T * tile_px`, h
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import math
+import os
 import re
 import tarfile
+import tempfile
 import textwrap
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,14 +49,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ssv2prep import storage
 from ssv2prep.data.loader import ClipFinisher, ClipPlanner
 from ssv2prep.data.sampling import SamplingSpec
 from ssv2prep.data.source import RawSample
 from ssv2prep.errors import ConfigError, SampleError, ShardError
 from ssv2prep.fsutil import atomic_write_bytes, atomic_write_text, output_write_error, write_problem
-from ssv2prep.prep.index import manifest_path, read_classes, read_index, read_manifest, stats_path
+from ssv2prep.prep.index import read_classes, read_index, read_manifest
 from ssv2prep.prep.plan import DATASET_NAME
-from ssv2prep.prep.verify import find_indexes
+from ssv2prep.prep.verify import index_names
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +82,7 @@ LINE_PX = 12  # one line of contact-sheet caption text in PIL's default font
 UNLABELLED = "(unlabelled)"
 COUNT_KEYS = ("entries", "ok", "failed", "missing", "shards", "frames", "bytes")
 PLOT_NAMES = ("videos_per_class.png", "frames_per_video.png", "frame_sizes.png", "bytes.png", "failures.png")
+REMOTE_SHARDS_SCANNED = 2  # default --max-shards-scanned for remote shards (see ReportConfig.max_shards_scanned)
 SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -79,20 +91,24 @@ class ReportConfig:
     """What to report on and how to draw the contact sheets.
 
     Attributes:
-        shard_dir: the prepared folder (indexes, manifests, stats, classes.json, shards).
-        out_dir: where report.md and its PNGs go; default `<shard_dir>-report` beside the shard folder (never
-            inside it, so syncing the shards to a bucket does not carry the report along).
+        shard_dir: the prepared folder (indexes, manifests, stats, classes.json, shards): a local folder or a
+            store prefix (`s3://bucket/prefix`, `gs://...`), or one shard index file or URL (`.../ssv2-train.json`,
+            also `https://...`: an http folder cannot be listed), read through `ssv2prep.storage`.
+        out_dir: the local folder where report.md and its PNGs go, or an object-store prefix they are uploaded to
+            (`out_url`); default `<name>-report` (see `resolved_out_dir`), never inside the shard folder, so syncing
+            the shards to a bucket does not carry the report along.
         videos_per_class: videos per class on the contact sheets (0: no contact sheets).
         num_segments: T, frames per clip (as the loader's `DataConfig.num_segments`).
         crop_size: crop side in pixels (as `DataConfig.crop_size`).
         scale_size: short side before cropping (as `DataConfig.scale_size`).
         seed: picks the contact-sheet videos and their train-mode draws.
-        max_shards_scanned: frame sizes come from the sample JSONs of every shard (None) or of the first N shards
-            of each split.
+        max_shards_scanned: frame sizes come from the sample JSONs of the first N shards of each split; None:
+            every shard of a local folder, the first `REMOTE_SHARDS_SCANNED` of a remote one (reading the sample
+            JSONs of a shard over the network costs about its whole size).
     """
 
-    shard_dir: Path
-    out_dir: Path | None = None
+    shard_dir: str | Path
+    out_dir: str | Path | None = None
     videos_per_class: int = 2
     num_segments: int = 8
     crop_size: int = 224
@@ -101,7 +117,7 @@ class ReportConfig:
     max_shards_scanned: int | None = None
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first bad field."""
+        """Raise ConfigError naming the first bad field (or a shard_dir of an unknown scheme)."""
         checks = (
             ("videos_per_class", self.videos_per_class >= 0, ">= 0 (0 = no contact sheets)"),
             ("num_segments", self.num_segments >= 1, ">= 1"),
@@ -114,13 +130,56 @@ class ReportConfig:
                 flag = "--segments" if name == "num_segments" else "--" + name.replace("_", "-")
                 allowed = allowed.replace("crop_size", "--crop-size")
                 raise ConfigError(f"report: {flag} {getattr(self, name)!r} is out of range; allowed: {allowed}")
+        storage.scheme_of(self.source)  # an unknown scheme is a ConfigError naming it
+        out_scheme = None if self.out_dir is None else storage.scheme_of(self.out_dir)
+        if out_scheme is not None and not storage.SCHEMES[out_scheme][1]:
+            raise ConfigError(
+                f"report: --out {os.fspath(self.out_dir or '')}: {out_scheme}:// is read-only; give a local folder "
+                "or an object-store prefix (s3://, gs://)"
+            )
+
+    @property
+    def source(self) -> str:
+        """`shard_dir` as `ssv2prep.storage` takes it (a path or a URL)."""
+        return os.fspath(self.shard_dir)
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether the shards are read from a store or over http."""
+        return storage.is_remote(self.source)
+
+    @property
+    def name(self) -> str:
+        """The shard folder's (or prefix's) last component; the folder's name for a single index."""
+        source = self.source
+        if source.endswith(".json"):
+            source = storage.parent(source)
+        if not self.is_remote:
+            return storage.local_path(source).resolve().name or "shards"
+        return storage.basename(source) or "shards"
+
+    @property
+    def scan_limit(self) -> int | None:
+        """Shards scanned per split for frame sizes: `max_shards_scanned`, or its default for the source."""
+        if self.max_shards_scanned is not None:
+            return self.max_shards_scanned
+        return REMOTE_SHARDS_SCANNED if self.is_remote else None
+
+    @property
+    def out_url(self) -> str | None:
+        """`out_dir` when it is an object-store prefix (the report is then written locally and uploaded)."""
+        return os.fspath(self.out_dir) if self.out_dir is not None and storage.is_remote(self.out_dir) else None
 
     @property
     def resolved_out_dir(self) -> Path:
-        """`out_dir`, or `<shard_dir>-report` beside the shard folder when unset."""
+        """`out_dir`; when unset, `<name>-report` beside a local shard folder, or in the current folder for a
+        remote one (beside it would be the bucket)."""
         if self.out_dir is not None:
-            return self.out_dir
-        shard_dir = self.shard_dir.resolve()
+            return storage.local_path(self.out_dir)
+        if self.is_remote:
+            return Path.cwd() / f"{SAFE_NAME_RE.sub('_', self.name)}-report"
+        source = storage.local_path(self.source).resolve()
+        shard_dir = source.parent if self.source.endswith(".json") else source
         return shard_dir.with_name(f"{shard_dir.name}-report")
 
 
@@ -129,13 +188,13 @@ class ReportResult:
     """What `write_report` wrote.
 
     Attributes:
-        page: `out_dir/report.md`.
-        images: every PNG written (plots, then contact sheets), all in `out_dir`.
+        page: `out_dir/report.md` (a URL for an object-store `out_dir`).
+        images: every PNG written (plots, then contact sheets), all beside the page.
         counts: per split: `entries`, `ok`, `failed`, `missing`, `shards`, `frames`, `bytes` (as the page states).
     """
 
-    page: Path
-    images: list[Path]
+    page: Path | str
+    images: list[Path] | list[str]
     counts: dict[str, dict[str, int]]
 
 
@@ -157,7 +216,7 @@ class _Split:
     """What the report knows about one split."""
 
     name: str
-    index_file: Path
+    index_file: str | Path
     index: dict[str, Any]
     classes: list[str]
     entries: list[_Entry]
@@ -166,6 +225,10 @@ class _Split:
     sizes: Counter[tuple[int, int]] = field(default_factory=Counter)
     shards_scanned: int = 0
     notes: list[str] = field(default_factory=list)
+    folder: _Folder | None = None  # where the index lies, with its listing (None: only in tests of the plots)
+    scanned: set[str] = field(default_factory=set)  # shard urls scanned
+    chosen: list[_Entry] | None = None  # the contact-sheet videos, once chosen
+    samples: dict[str, RawSample] = field(default_factory=dict)  # members of chosen videos read so far, by id
 
     @property
     def ok(self) -> list[_Entry]:
@@ -194,13 +257,52 @@ def _say(on_progress: Progress, message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ loading
-def _shard_path(index_file: Path, url: str) -> Path:
-    """The local file of an index's shard url; only files inside the index's folder are read."""
-    folder = index_file.parent.resolve()
-    path = (folder / url).resolve()
-    if "://" in url or url.startswith("pipe:") or not path.is_relative_to(folder):
-        raise ShardError(f"{index_file}: shard url {url!r} is not a file in {folder}; report reads local folders only")
-    return path
+@dataclass(frozen=True, slots=True)
+class _Folder:
+    """The shard folder or prefix being reported on, with one listing of what it holds.
+
+    Attributes:
+        root: a local folder or a store prefix (`s3://bucket/prefix`), as `ssv2prep.storage` takes it.
+        sizes: {file name: bytes} of the files directly inside `root`, from one listing; None where the store
+            cannot list (http), so presence is then asked per file.
+    """
+
+    root: str
+    sizes: dict[str, int] | None
+
+    def url(self, name: str) -> str:
+        """The file `name` inside the folder (storage.join refuses names that leave it)."""
+        return storage.join(self.root, name)
+
+    def has(self, name: str) -> bool:
+        """Whether the file `name` is in the folder (from the listing when there is one)."""
+        if self.sizes is not None:
+            return name in self.sizes
+        try:
+            return storage.exists(self.url(name))
+        except storage.StorageError:
+            return False
+
+
+def _shard_url(split: _Split, url: str) -> str:
+    """The file or object of an index's shard url; only files inside the index's folder are read."""
+    folder = storage.parent(split.index_file)
+    if not url.startswith("pipe:"):
+        with contextlib.suppress(ConfigError):  # a scheme, an absolute path or a `..` that leaves the folder
+            return storage.join(folder, url)
+    raise ShardError(
+        f"{split.index_file}: shard url {url!r} is not a file in {folder}; an index may only name files beside it"
+    )
+
+
+@contextlib.contextmanager
+def _open_tar(url: str) -> Iterator[tarfile.TarFile]:
+    """A shard as a tarfile: random access where the stream can seek (a local file, a ranged object read), so a
+    skipped member costs a seek, not its bytes; forward-only otherwise (an http stream without ranges)."""
+    with storage.open_read(url) as fh:
+        seekable = bool(getattr(fh, "seekable", lambda: False)())
+        with tarfile.open(fileobj=fh, mode="r:" if seekable else "r|") as tar:
+            yield tar
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -210,18 +312,31 @@ def _split_member(name: str) -> tuple[str, str]:
     return (f"{folder}/{key}" if folder else key), suffix
 
 
-def _scan_shard(path: Path) -> list[dict[str, Any]]:
-    """The sample JSON objects of one shard, read by random access (JPEG members are skipped, not read)."""
-    metas = []
-    with tarfile.open(path, "r:") as tar:
+def _read_shard(url: str, keys: set[str], *, metas: bool) -> tuple[list[dict[str, Any]], dict[str, RawSample]]:
+    """One pass over a shard by random access: the sample JSON objects (when `metas`) and the members (bytes,
+    undecoded) of the samples `keys`. Other members are skipped, not read; without `metas` reading stops once every
+    key was read, so a remote shard is fetched only up to its last wanted sample."""
+    found_metas: list[dict[str, Any]] = []
+    found: dict[str, dict[str, bytes]] = {}
+    with _open_tar(url) as tar:
         for info in tar:
-            if not info.isfile() or _split_member(info.name)[1] != "json":
+            if not info.isfile():
+                continue
+            key, suffix = _split_member(info.name)
+            wanted = key in keys
+            if not wanted and not metas and len(found) == len(keys):
+                break
+            if not wanted and suffix != "json":
                 continue
             fh = tar.extractfile(info)
-            meta = json.loads(fh.read()) if fh is not None else None
-            if isinstance(meta, dict):
-                metas.append(meta)
-    return metas
+            data = fh.read() if fh is not None else b""
+            if wanted:
+                found.setdefault(key, {})[suffix] = data
+            if metas and suffix == "json":
+                meta = json.loads(data)
+                if isinstance(meta, dict):
+                    found_metas.append(meta)
+    return found_metas, {key: RawSample(key, members, url) for key, members in found.items()}
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -246,58 +361,70 @@ def _entry_from_meta(meta: dict[str, Any], shard_url: str) -> _Entry:
     )
 
 
-def _read_stats(path: Path) -> dict[str, Any] | None:
+def _read_stats(url: str) -> dict[str, Any] | None:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ShardError(f"{path}: cannot read the stats ({exc})") from exc
+        obj = json.loads(storage.read_bytes(url).decode("utf-8"))
+    except (storage.StorageError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardError(f"{url}: cannot read the stats ({exc})") from exc
     return obj if isinstance(obj, dict) else None
 
 
-def _split_name(index_file: Path) -> str:
+def _split_stem(index_name: str) -> str:
+    """`ssv2-train.json` -> `train`: the split part of an index's file name (names its manifest and stats)."""
+    return index_name[len(DATASET_NAME) + 1 : -len(".json")]
+
+
+def _split_name(index_name: str) -> str:
     # the file name, not the index's own `split` field, names the outputs: it is known to be a plain file name
-    stem = index_file.name[len(DATASET_NAME) + 1 : -len(".json")]
-    return SAFE_NAME_RE.sub("_", stem) or "split"
+    return SAFE_NAME_RE.sub("_", _split_stem(index_name)) or "split"
 
 
-def _load_split(index_file: Path) -> _Split:
+def _load_split(folder: _Folder, index_name: str) -> _Split:
     """Index, classes, manifest and stats of one split (manifest/stats optional)."""
-    index = read_index(index_file)
-    name = _split_name(index_file)
-    folder = index_file.parent
-    manifest_file = manifest_path(folder, name)
-    entries, from_manifest, notes = [], manifest_file.is_file(), []
+    index_url = folder.url(index_name)
+    index = read_index(index_url)
+    stem = _split_stem(index_name)
+    manifest_name, stats_name = f"{DATASET_NAME}-{stem}.manifest.jsonl", f"{DATASET_NAME}-{stem}.stats.json"
+    entries, from_manifest, notes = [], folder.has(manifest_name), []
     if from_manifest:
-        entries = [_entry_from_manifest(line) for line in read_manifest(manifest_file) if isinstance(line, dict)]
+        lines = read_manifest(folder.url(manifest_name))
+        entries = [_entry_from_manifest(line) for line in lines if isinstance(line, dict)]
     else:
-        notes.append(f"no manifest ({manifest_file.name}): entries and labels come from the scanned sample JSONs")
+        notes.append(f"no manifest ({manifest_name}): entries and labels come from the scanned sample JSONs")
     return _Split(
-        name=name,
-        index_file=index_file,
+        name=_split_name(index_name),
+        index_file=index_url,
         index=index,
-        classes=read_classes(index_file, index),
+        classes=read_classes(index_url, index),
         entries=entries,
         from_manifest=from_manifest,
-        stats=_read_stats(stats_path(folder, name)),
+        stats=_read_stats(folder.url(stats_name)) if folder.has(stats_name) else None,
         notes=notes,
+        folder=folder,
     )
 
 
-def _scan_split(split: _Split, limit: int | None, on_progress: Progress) -> None:
-    """Frame sizes (and, without a manifest, the entries) from the sample JSONs of the split's shards."""
+def _scan_urls(split: _Split, limit: int | None) -> list[str]:
+    """The shard urls scanned for frame sizes: the first `limit` (all without a manifest: they are the entries)."""
     urls = [str(e["url"]) for e in split.index["shardlist"]]
-    todo = urls if (limit is None or not split.from_manifest) else urls[:limit]
+    return urls if (limit is None or not split.from_manifest) else urls[:limit]
+
+
+def _scan_split(split: _Split, todo: list[str], on_progress: Progress) -> None:
+    """Frame sizes (and, without a manifest, the entries) from the sample JSONs of the shards `todo`; the members
+    of the contact-sheet videos chosen so far (`split.chosen`) are kept from the same pass."""
+    keys = {e.id for e in split.chosen or []}
     for k, url in enumerate(todo, start=1):
-        path = _shard_path(split.index_file, url)
+        shard = _shard_url(split, url)
         try:
-            metas = _scan_shard(path)
-        except (OSError, tarfile.TarError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            metas, samples = _read_shard(shard, keys, metas=True)
+        except (OSError, storage.StorageError, tarfile.TarError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             split.notes.append(f"shard {url} could not be scanned ({' '.join(str(exc).split())[:160]})")
-            log.warning("%s: cannot scan shard (%s)", path, exc)
+            log.warning("%s: cannot scan shard (%s)", shard, exc)
             continue
         split.shards_scanned += 1
+        split.scanned.add(url)
+        split.samples.update(samples)
         for meta in metas:
             width, height = _int_or_none(meta.get("width")), _int_or_none(meta.get("height"))
             if width and height:
@@ -319,7 +446,7 @@ def _split_counts(split: _Split) -> dict[str, int]:
     if all(isinstance(s, int) for s in sizes):
         total_bytes = sum(sizes)
     else:
-        total_bytes = sum(_file_size(_shard_path(split.index_file, str(e["url"]))) for e in shardlist)
+        total_bytes = sum(_shard_size(split, str(e["url"])) for e in shardlist)
     return {
         "entries": len(split.entries),
         "ok": status["ok"],
@@ -331,10 +458,14 @@ def _split_counts(split: _Split) -> dict[str, int]:
     }
 
 
-def _file_size(path: Path) -> int:
+def _shard_size(split: _Split, url: str) -> int:
+    """Bytes of a shard the index gives no filesize for: from the folder's listing, else asked (0 if absent)."""
+    listing = split.folder.sizes if split.folder is not None else None
+    if listing is not None and url in listing:
+        return listing[url]
     try:
-        return path.stat().st_size
-    except OSError:
+        return storage.size(_shard_url(split, url))
+    except storage.StorageError:
         return 0
 
 
@@ -555,8 +686,13 @@ def _tiles(clip_tchw: torch.Tensor, tile_px: int) -> list[Image.Image]:
     return [Image.fromarray(f, "RGB").resize((tile_px, tile_px), Image.Resampling.BILINEAR) for f in frames]
 
 
-def _choose(split: _Split, per_class: int, seed: int) -> list[_Entry]:
-    """`per_class` ok entries of every class (fewer where a class has fewer), seeded; ordered by class, then id."""
+def _choose(split: _Split, per_class: int, seed: int, preferred: set[str] | None = None) -> list[_Entry]:
+    """`per_class` ok entries of every class (fewer where a class has fewer), seeded; ordered by class, then id.
+
+    Entries in the shards `preferred` (those scanned anyway) are drawn first and others only for classes those
+    shards hold too few of, so a remote report reads few other shards; with every shard preferred (a local folder
+    scanned whole) the draw is a plain seeded choice.
+    """
     by_class: dict[int, list[_Entry]] = defaultdict(list)
     for entry in split.ok:
         by_class[-1 if entry.label is None else entry.label].append(entry)
@@ -564,39 +700,39 @@ def _choose(split: _Split, per_class: int, seed: int) -> list[_Entry]:
     chosen = []
     for label in sorted(by_class):
         pool = sorted(by_class[label], key=lambda e: (len(e.id), e.id))
-        picks = rng.choice(len(pool), size=min(per_class, len(pool)), replace=False)
-        chosen.extend(pool[int(i)] for i in sorted(picks))
+        near = [k for k, e in enumerate(pool) if preferred is None or e.shard in preferred]
+        far = [k for k, e in enumerate(pool) if preferred is not None and e.shard not in preferred]
+        picks = _draw(rng, near, per_class)
+        if len(picks) < per_class and far:
+            picks += _draw(rng, far, per_class - len(picks))
+        chosen.extend(pool[k] for k in sorted(picks))
     return chosen
 
 
-def _read_samples(path: Path, keys: set[str]) -> dict[str, RawSample]:
-    """The members (bytes, undecoded) of the samples `keys` of one shard; stops once all were read."""
-    found: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, suffix = _split_member(info.name)
-            if key not in keys:
-                if len(found) == len(keys):
-                    break
-                continue
-            fh = tar.extractfile(info)
-            found.setdefault(key, {})[suffix] = fh.read() if fh is not None else b""
-    return {key: RawSample(key, members, str(path)) for key, members in found.items()}
+def _draw(rng: np.random.Generator, items: list[int], count: int) -> list[int]:
+    """`count` of `items` (all of them when fewer), drawn without replacement."""
+    return [items[int(i)] for i in rng.choice(len(items), size=min(count, len(items)), replace=False)]
+
+
+def _sheet_splits(splits: list[_Split]) -> list[_Split]:
+    """The splits that get contact sheets: train and validation where present, else the first."""
+    return [s for s in splits if s.name in CONTACT_SPLITS] or splits[:1]
 
 
 def _blocks(split: _Split, cfg: ReportConfig, on_progress: Progress) -> tuple[list[_Block], list[_Entry]]:
     """The contact-sheet blocks of the chosen videos of a split (in `_choose` order) and the entries shown."""
-    chosen = _choose(split, cfg.videos_per_class, cfg.seed)
+    if split.chosen is None:
+        split.chosen = _choose(split, cfg.videos_per_class, cfg.seed, split.scanned)
+    chosen = split.chosen
     by_shard: dict[str, set[str]] = defaultdict(set)
     for entry in chosen:
-        by_shard[entry.shard].add(entry.id)
-    samples: dict[str, RawSample] = {}
+        if entry.id not in split.samples:
+            by_shard[entry.shard].add(entry.id)
+    samples = dict(split.samples)
     for shard, keys in sorted(by_shard.items()):
         try:
-            samples.update(_read_samples(_shard_path(split.index_file, shard), keys))
-        except (OSError, tarfile.TarError) as exc:
+            samples.update(_read_shard(_shard_url(split, shard), keys, metas=False)[1])
+        except (OSError, storage.StorageError, tarfile.TarError) as exc:
             split.notes.append(f"contact sheet: shard {shard} could not be read ({' '.join(str(exc).split())[:160]})")
     tile = sheet_tile_px(cfg.crop_size)
     blocks, shown = [], []
@@ -765,25 +901,65 @@ def _notes_section(splits: list[_Split], counts: dict[str, dict[str, int]]) -> l
 
 
 # ------------------------------------------------------------------------------------------------- orchestrator
+def _is_report_image(name: str) -> bool:
+    """Whether `name` is a PNG name this module writes (the only files a re-run removes)."""
+    return name in PLOT_NAMES or (name.startswith("contact-") and name.endswith(".png"))
+
+
 def _remove_stale(out_dir: Path, written: list[Path]) -> None:
     """Delete PNGs of an earlier report in `out_dir` that this run did not write (only names this module uses)."""
-    keep = set(written)
-    for path in [*(out_dir / n for n in PLOT_NAMES), *out_dir.glob("contact-*.png")]:
-        if path not in keep and path.is_file():
+    keep = {p.name for p in written}
+    for path in out_dir.iterdir():
+        if _is_report_image(path.name) and path.name not in keep and path.is_file():
             path.unlink()
 
 
-def _load_all(cfg: ReportConfig, on_progress: Progress) -> list[_Split]:
-    indexes = find_indexes(cfg.shard_dir) if cfg.shard_dir.is_dir() else []
-    if not indexes:
-        raise ShardError(
-            f"{cfg.shard_dir}: no shard index ({DATASET_NAME}-<split>.json) found; is this a shard folder?"
+def _publish(local: ReportResult, out_url: str, on_progress: Progress) -> ReportResult:
+    """Upload a report written locally to the prefix `out_url`: the images, then the page (so the page never links
+    an image not there yet), then remove the images of an earlier report there that this one did not write."""
+    images = []
+    for path in local.images:
+        images.append(storage.join(out_url, path.name))
+        storage.upload(path, images[-1])
+    keep = {p.name for p in local.images}
+    stale = [n for n in storage.list_names(out_url) if _is_report_image(n) and n not in keep]
+    page = storage.join(out_url, "report.md")
+    storage.upload(local.page, page)
+    for name in stale:
+        storage.remove(storage.join(out_url, name))
+    _say(on_progress, f"uploaded {page} and {len(images)} images")
+    return ReportResult(page=page, images=images, counts=local.counts)
+
+
+def _find_splits(source: str) -> tuple[_Folder, list[str]]:
+    """The folder and the index names to report on: every `ssv2-*.json` of a folder or prefix (one listing, which
+    also gives the shard sizes), or the one index a `.json` source names (the only way into an http folder)."""
+    http = storage.scheme_of(source) in ("http", "https")
+    if source.endswith(".json"):
+        folder, name = storage.parent(source), storage.basename(source)
+        if not index_names([name]):
+            raise ShardError(f"{source}: not a shard index name ({DATASET_NAME}-<split>.json)")
+        return _Folder(folder, None if http else storage.list_sizes(folder)), [name]
+    if http:
+        raise ConfigError(
+            f"{source}: an http(s) folder cannot be listed; give the URL of a shard index "
+            f"({source.rstrip('/')}/{DATASET_NAME}-<split>.json)"
         )
-    splits = []
-    for index_file in indexes:
-        split = _load_split(index_file)
-        _scan_split(split, cfg.max_shards_scanned, on_progress)
-        splits.append(split)
+    folder = _Folder(source, storage.list_sizes(source))
+    return folder, index_names(list(folder.sizes or {}))
+
+
+def _load_all(cfg: ReportConfig, on_progress: Progress) -> list[_Split]:
+    folder, names = _find_splits(cfg.source)
+    if not names:
+        raise ShardError(f"{cfg.source}: no shard index ({DATASET_NAME}-<split>.json) found; is this a shard folder?")
+    splits = [_load_split(folder, name) for name in names]
+    sheets = {id(s) for s in _sheet_splits(splits)} if cfg.videos_per_class > 0 else set()
+    for split in splits:
+        todo = _scan_urls(split, cfg.scan_limit)
+        if id(split) in sheets and split.from_manifest:  # chosen before the scan, which then reads them too
+            split.chosen = _choose(split, cfg.videos_per_class, cfg.seed, set(todo))
+        _scan_split(split, todo, on_progress)
     return splits
 
 
@@ -815,9 +991,9 @@ def _page(
     """The Markdown text of report.md (images linked by file name: they sit beside it)."""
     classes = splits[0].classes
     lines = [
-        f"# Dataset report: {cfg.shard_dir.name}",
+        f"# Dataset report: {cfg.name}",
         "",
-        f"Folder: `{cfg.shard_dir}`; splits: {', '.join(s.name for s in splits)}.",
+        f"Folder: `{cfg.source}`; splits: {', '.join(s.name for s in splits)}.",
         "",
         *_counts_section(splits, counts),
         *_classes_section(classes, splits[0].index.get("flip_pairs") or []),
@@ -845,7 +1021,8 @@ def write_report(cfg: ReportConfig, *, on_progress: Callable[[str], None] | None
     """Write `report.md` and its PNGs (plots and contact sheets) for the shard folder `cfg.shard_dir`.
 
     Re-running overwrites the page and its images (atomically) and removes images of an earlier run that no longer
-    apply. Nothing is written outside `out_dir`; shards are read only inside the folder. Without a manifest, every
+    apply. Nothing is written outside `out_dir` (an object-store `out_dir` gets the files of a local temporary
+    folder, one upload each); shards are read only inside the folder. Without a manifest, every
     shard of that split is scanned whatever `max_shards_scanned` says (the sample JSONs are then the only entries).
 
     Args:
@@ -860,14 +1037,20 @@ def write_report(cfg: ReportConfig, *, on_progress: Callable[[str], None] | None
         ShardError: the folder holds no shard index, or an index/manifest/class list that cannot be read, or an
             index that lists a shard outside the folder.
         OutputWriteError: `out_dir` cannot be written (full, read-only, denied).
+        StorageError: an object-store `out_dir` cannot be written.
     """
     cfg.validate()
-    out_dir = cfg.resolved_out_dir
     splits = _load_all(cfg, on_progress)
     counts = {s.name: _split_counts(s) for s in splits}
     failures = {s.name: _failure_counts(s) for s in splits}
+    out_url = cfg.out_url
+    out_dir = cfg.resolved_out_dir if out_url is None else Path(tempfile.gettempdir())
     try:
-        return _write_outputs(cfg, out_dir, splits, counts, failures, on_progress)
+        if out_url is None:
+            return _write_outputs(cfg, out_dir, splits, counts, failures, on_progress)
+        with tempfile.TemporaryDirectory(prefix="ssv2prep-report-") as tmp:  # the files to upload
+            local = _write_outputs(cfg, Path(tmp), splits, counts, failures, on_progress)
+            return _publish(local, out_url, on_progress)
     except OSError as exc:
         if write_problem(exc) is None:
             raise
@@ -887,7 +1070,7 @@ def _write_outputs(
     _say(on_progress, f"wrote {len(images)} plots to {out_dir}")
     sheets: list[tuple[str, Path, list[_Entry]]] = []
     if cfg.videos_per_class > 0:
-        for split in [s for s in splits if s.name in CONTACT_SPLITS] or splits[:1]:
+        for split in _sheet_splits(splits):
             sheets += [(split.name, path, shown) for path, shown in _write_sheets(split, cfg, out_dir, on_progress)]
     images += [path for _, path, _ in sheets]
     page = out_dir / "report.md"

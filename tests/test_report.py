@@ -21,6 +21,7 @@ from ssv2prep.errors import ConfigError, ShardError
 from ssv2prep.prep.index import read_index, read_manifest
 from ssv2prep.report import (
     CAPTION_PAD_PX,
+    COUNT_KEYS,
     GAP_PX,
     LINE_PX,
     ROW_LABEL_PX,
@@ -297,3 +298,269 @@ def test_contact_sheet_captions_wrap_instead_of_cutting() -> None:
         lines = wrap_caption(f"{name} | id 12345 | 40 frames", narrow)
         assert " ".join(lines) == f"{name} | id 12345 | 40 frames"
         assert len(lines) > 1
+
+
+# ------------------------------------------------------------------------------------------- remote shard folders
+# The same report read through ssv2prep.storage from a real S3 API (moto's server on 127.0.0.1) and a real HTTP
+# server: nothing mocks the clients. Small contact sheets keep these quick.
+SMALL_SHEETS = ("--videos-per-class", "1", "--segments", "4", "--crop-size", "32", "--scale-size", "40")
+
+
+def _cli(*args: object) -> tuple[int, str, str]:
+    from click.testing import CliRunner
+
+    from ssv2prep.cli import main
+
+    result = CliRunner().invoke(main, ["-q", "report", *map(str, args)], catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _upload(folder: Path, prefix: str, names: set[str] | None = None) -> None:
+    """Files of a shard folder to `prefix`, one object each (as `aws s3 sync` would); all, or only `names`."""
+    from ssv2prep import storage
+
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and (names is None or path.name in names):
+            storage.upload(path, storage.join(prefix, path.name))
+
+
+def _outputs(out: Path) -> tuple[str, dict[str, tuple[tuple[int, int], bytes]]]:
+    """(report.md without its `Folder:` line, {PNG name: (pixel size, RGB pixels)}) of a report folder."""
+    page = (out / "report.md").read_text(encoding="utf-8")
+    page = "\n".join(line for line in page.splitlines() if not line.startswith("Folder: "))
+    images = {}
+    for path in sorted(out.glob("*.png")):
+        with Image.open(path) as image:
+            images[path.name] = (image.size, image.convert("RGB").tobytes())
+    return page, images
+
+
+def _count_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if not line.startswith("report: ")]
+
+
+@pytest.fixture(scope="module")
+def local_small_report(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """`report` of the local `tiny_shards` with small sheets and one scanned shard per split: (out folder, stdout)."""
+    out = tmp_path_factory.mktemp("report-local-small")
+    code, stdout, stderr = _cli(tiny_shards, "--out", out, "--max-shards-scanned", "1", *SMALL_SHEETS)
+    assert code == 0, stderr
+    return out, stdout
+
+
+def test_an_s3_shard_folder_gives_the_same_report_as_its_local_copy(
+    s3, tiny_shards: Path, local_small_report: tuple[Path, str], tmp_path: Path
+) -> None:
+    prefix = f"s3://{s3.new_bucket()}/{tiny_shards.name}"  # same last name: same page title
+    _upload(tiny_shards, prefix)
+    code, stdout, stderr = _cli(prefix, "--out", tmp_path / "out", "--max-shards-scanned", "1", *SMALL_SHEETS)
+    assert code == 0, stderr
+    local_out, local_stdout = local_small_report
+    page, images = _outputs(tmp_path / "out")
+    assert (page, images) == _outputs(local_out)
+    assert _count_lines(stdout) == _count_lines(local_stdout)
+    assert sorted(images) == [
+        "bytes.png",
+        "contact-train-00.png",
+        "contact-validation-00.png",
+        "frame_sizes.png",
+        "frames_per_video.png",
+        "videos_per_class.png",
+    ]
+    table = _table_rows(page)
+    for split in ("train", "validation", "test"):
+        expected = _expected_counts(tiny_shards, split)
+        assert [int(c) for c in table[split][:7]] == [expected[k] for k in COUNT_KEYS]
+        assert f"{split}: {expected['ok']} ok, 0 failed, 0 missing in {expected['shards']} shards" in stdout
+    assert "train (1 of 4 shards scanned" in page
+    assert f"Folder: `{prefix}`" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    classes = read_json(tiny_shards / "classes.json")
+    for split in ("train", "validation"):  # one video of every class, from the s3 shards
+        ids = _sheet_rows(page, f"contact-{split}-00.png")
+        labels = {line["id"]: line["label"] for line in read_manifest(tiny_shards / f"ssv2-{split}.manifest.jsonl")}
+        assert sorted(labels[i] for i in ids) == list(range(len(classes)))
+
+
+def test_an_s3_out_gets_the_same_files_and_a_rerun_drops_stale_images(
+    s3, tiny_shards: Path, local_small_report: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the files to upload are staged
+    bucket = s3.new_bucket()
+    prefix = f"s3://{bucket}/reports/tiny"
+    s3.client.put_object(Bucket=bucket, Key="reports/tiny/contact-notes.txt", Body=b"mine")
+    code, stdout, stderr = _cli(tiny_shards, "--out", prefix, "--max-shards-scanned", "1", *SMALL_SHEETS)
+    assert code == 0, stderr
+    assert f"report: {prefix}/report.md (6 images)" in stdout
+    local_out, _ = local_small_report
+    got = {k.removeprefix("reports/tiny/"): v for k, v in s3.keys(bucket, "reports/tiny/").items()}
+    assert got == {
+        "contact-notes.txt": b"mine",
+        **{p.name: p.read_bytes() for p in local_out.iterdir()},  # same local input, so the same bytes
+    }
+    code, stdout, stderr = _cli(tiny_shards, "--out", prefix, "--max-shards-scanned", "1", "--videos-per-class", "0")
+    assert code == 0, stderr
+    names = sorted(k.removeprefix("reports/tiny/") for k in s3.keys(bucket, "reports/tiny/"))
+    assert names == [
+        "bytes.png",
+        "contact-notes.txt",
+        "frame_sizes.png",
+        "frames_per_video.png",
+        "report.md",
+        "videos_per_class.png",
+    ]
+    assert not list(tmp_path.iterdir())  # the staging folder is gone
+
+
+def _needed_shards(folder: Path, page: str) -> set[str]:
+    """The shards a report with one scanned shard per split must read: the first of each split and those holding
+    a contact-sheet video."""
+    needed = set()
+    for index_file in folder.glob("ssv2-*.json"):
+        if not index_file.name.endswith(".stats.json"):
+            needed.add(read_index(index_file)["shardlist"][0]["url"])
+    for split in ("train", "validation"):
+        shard_of = {line["id"]: line["shard"] for line in read_manifest(folder / f"ssv2-{split}.manifest.jsonl")}
+        needed |= {shard_of[i] for i in _sheet_rows(page, f"contact-{split}-00.png")}
+    return needed
+
+
+def test_an_s3_report_reads_only_the_shards_it_needs(
+    s3, tiny_shards: Path, local_small_report: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ssv2prep import storage
+
+    opened: Counter[str] = Counter()
+    real_open_read = storage.open_read
+
+    def counting_open_read(url):  # the real reader, counted: which objects the report opens, how often
+        opened[storage.basename(url)] += 1
+        return real_open_read(url)
+
+    monkeypatch.setattr(storage, "open_read", counting_open_read)
+    local_out, _ = local_small_report
+    local_page, local_images = _outputs(local_out)
+    needed = _needed_shards(tiny_shards, local_page)
+    shards = {p.name for p in tiny_shards.glob("*.tar")}
+    assert needed < shards  # the test split's second shard at least is not needed
+    prefix = f"s3://{s3.new_bucket()}/{tiny_shards.name}"
+    _upload(tiny_shards, prefix, {p.name for p in tiny_shards.iterdir() if p.suffix != ".tar"} | needed)
+    code, _, stderr = _cli(prefix, "--out", tmp_path / "out", "--max-shards-scanned", "1", *SMALL_SHEETS)
+    assert code == 0, stderr
+    page, images = _outputs(tmp_path / "out")
+    # a shard the report opened beyond those would be a note ("could not be read"/"not found") on the page
+    assert "## Notes" not in page
+    assert (page, images) == (local_page, local_images)
+    assert opened == dict.fromkeys(needed, 1)  # each once: the scan pass also reads the sheet videos it holds
+
+
+def test_remote_default_out_is_in_the_current_folder_and_scans_two_shards(
+    s3, tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = s3.new_bucket()
+    prefix = f"s3://{bucket}/sets/{tiny_shards.name}"
+    _upload(tiny_shards, prefix)
+    before = s3.keys(bucket)
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = _cli(prefix, "--videos-per-class", "0")
+    assert code == 0, stderr
+    out = tmp_path / f"{tiny_shards.name}-report"
+    assert f"report: {out / 'report.md'} (4 images)" in stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["report.md", "bytes.png", "frame_sizes.png", "frames_per_video.png", "videos_per_class.png"]
+    )
+    assert s3.keys(bucket) == before  # nothing written to the bucket
+    page = (out / "report.md").read_text(encoding="utf-8")
+    assert "train (2 of 4 shards scanned" in page and "validation (2 of 2 shards scanned" in page
+
+
+def test_local_default_out_is_beside_the_shard_folder_and_writes_nothing_into_it(
+    tiny_shards: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shards = tmp_path / "sets" / "shards"
+    shards.mkdir(parents=True)
+    for path in tiny_shards.iterdir():
+        if path.is_file():
+            (shards / path.name).write_bytes(path.read_bytes())
+    before = {p.relative_to(shards): p.stat().st_mtime_ns for p in shards.rglob("*")}
+    monkeypatch.chdir(shards)  # even run from inside the shard folder
+    code, stdout, stderr = _cli(".", "--videos-per-class", "0")
+    assert code == 0, stderr
+    assert {p.relative_to(shards): p.stat().st_mtime_ns for p in shards.rglob("*")} == before
+    out = tmp_path / "sets" / "shards-report"
+    assert f"report: {out / 'report.md'} (4 images)" in stdout
+    assert "train (4 of 4 shards scanned" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_an_index_over_http_gives_the_same_split_report(tiny_shards: Path, tmp_path: Path) -> None:
+    from httpserver import FaultyServer
+
+    args = ("--max-shards-scanned", "1", *SMALL_SHEETS)
+    code, _, stderr = _cli(tiny_shards / "ssv2-validation.json", "--out", tmp_path / "local", *args)
+    assert code == 0, stderr
+    with FaultyServer(tiny_shards) as server:
+        url = server.url_for("/ssv2-validation.json")
+        code, stdout, stderr = _cli(url, "--out", tmp_path / "http", *args)
+        assert code == 0, stderr
+        folder_url = url.rsplit("/", 1)[0]
+        code, _, stderr = _cli(folder_url, "--out", tmp_path / "x")
+    (page, images), (local_page, local_images) = _outputs(tmp_path / "http"), _outputs(tmp_path / "local")
+    assert page.startswith("# Dataset report: shards\n")  # the server's root has no name
+    assert page.split("\n", 1)[1] == local_page.split("\n", 1)[1] and images == local_images
+    assert "validation: 4 ok, 0 failed, 0 missing in 2 shards" in stdout
+    assert list(_table_rows(_outputs(tmp_path / "http")[0])) == ["validation"]
+    _assert_one_line_error(code, stderr, folder_url, "cannot be listed", "ssv2-<split>.json")
+
+
+def _assert_one_line_error(code: int, stderr: str, *needles: str) -> None:
+    assert code != 0
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_bad_urls_and_missing_indexes_are_one_line_errors(s3, tiny_shards: Path, tmp_path: Path) -> None:
+    code, _, stderr = _cli("ftp://host/shards", "--out", tmp_path / "a")
+    _assert_one_line_error(code, stderr, "ftp://host/shards", "unknown scheme ftp://")
+    bucket = s3.new_bucket()
+    for prefix in (f"s3://{bucket}/nothing-here", f"s3://{bucket}-absent/x"):
+        code, _, stderr = _cli(prefix, "--out", tmp_path / "b")
+        _assert_one_line_error(code, stderr, prefix, "no shard index")
+    code, _, stderr = _cli(tmp_path / "absent", "--out", tmp_path / "c")
+    _assert_one_line_error(code, stderr, str(tmp_path / "absent"), "no shard index")
+    code, _, stderr = _cli(tiny_shards, "--out", "https://host/report")
+    _assert_one_line_error(code, stderr, "--out", "https://host/report", "read-only")
+    code, _, stderr = _cli(tiny_shards, "--out", "ftp://host/report")
+    _assert_one_line_error(code, stderr, "ftp://host/report", "unknown scheme ftp://")
+    from ssv2prep import storage
+
+    storage.write_bytes(f"s3://{bucket}/broken/ssv2-validation.json", b'{"shardlist": 3}')
+    code, _, stderr = _cli(f"s3://{bucket}/broken", "--out", tmp_path / "d")
+    _assert_one_line_error(code, stderr, f"s3://{bucket}/broken/ssv2-validation.json", "not a shard index")
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_contact_sheet_videos_come_from_scanned_shards_first(tmp_path: Path) -> None:
+    from ssv2prep.report import _choose, _Entry, _Split
+
+    # class 0: 3 videos in the scanned shard a, 3 elsewhere; class 1: 1 in a, 4 elsewhere; class 2: none in a
+    layout = {0: ["a"] * 3 + ["b"] * 3, 1: ["a"] + ["c"] * 4, 2: ["b", "c"]}
+    entries = [
+        _Entry(id=f"{c}{k}", label=c, status="ok", shard=f"{shard}.tar", num_frames=20)
+        for c, shards in layout.items()
+        for k, shard in enumerate(shards)
+    ]
+    split = _Split("train", tmp_path / "x.json", {}, ["x", "y", "z"], entries, True, None)
+    every = {"a.tar", "b.tar", "c.tar"}
+    for seed in range(5):
+        chosen = _choose(split, 2, seed, {"a.tar"})
+        by_class = {c: [e for e in chosen if e.label == c] for c in layout}
+        assert [len(v) for v in by_class.values()] == [2, 2, 2]
+        assert {e.shard for e in by_class[0]} == {"a.tar"}
+        assert sorted(e.shard for e in by_class[1]) == ["a.tar", "c.tar"]
+        assert chosen == _choose(split, 2, seed, {"a.tar"})  # seeded
+        assert _choose(split, 2, seed, every) == _choose(split, 2, seed)  # everything scanned: a plain draw
+    assert len({tuple(e.id for e in _choose(split, 2, seed, {"a.tar"})) for seed in range(8)}) > 1

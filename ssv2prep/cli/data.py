@@ -489,23 +489,29 @@ def verify(shard_dir: str, no_decode: bool, workers: int) -> None:
 
 
 @main.command()
-@click.argument("shard_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("shard_dir")
 @click.option(
     "--out",
     "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR|URL",
     default=None,
-    help="Where the page and PNGs go (default: SHARD_DIR-report beside it).",
+    help="Folder or object-store prefix (s3://, gs://) for the page and PNGs (default: SHARD_DIR-report beside a "
+    "local SHARD_DIR; ./NAME-report in the current folder for a remote one, NAME being the prefix's last part).",
 )
 @click.option("--videos-per-class", type=int, default=2, show_default=True, help="Videos per class on contact sheets.")
 @click.option("--segments", type=int, default=8, show_default=True, help="Frames the loader samples per clip.")
 @click.option("--crop-size", type=int, default=224, show_default=True)
 @click.option("--scale-size", type=int, default=256, show_default=True)
-@click.option("--max-shards-scanned", type=int, default=None, help="Frame sizes from at most N shards per split.")
+@click.option(
+    "--max-shards-scanned",
+    type=int,
+    default=None,
+    help="Frame sizes from the first N shards per split (default: all of a local folder, 2 of a remote one).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 def report(
-    shard_dir: Path,
-    out_dir: Path | None,
+    shard_dir: str,
+    out_dir: str | None,
     videos_per_class: int,
     segments: int,
     crop_size: int,
@@ -515,11 +521,16 @@ def report(
 ) -> None:
     """Write a Markdown page with plots and contact sheets of a shard folder (counts, frames, sizes, failures).
 
-    The contact sheets show the frames the loader samples, with and without the training augmentation.
+    SHARD_DIR is a local folder, an object-store prefix (s3://bucket/prefix, gs://...) or one shard index
+    (.../ssv2-train.json; the only way in over http(s)). Remote shards are not downloaded whole: byte counts come
+    from the index and the listing, only --max-shards-scanned shards per split are scanned, contact-sheet videos
+    come from those first, and another shard is read only up to a video a class needs. The contact sheets show the
+    frames the loader samples, with and without the training augmentation.
 
     \b
-    Example:
+    Examples:
       ssv2prep report shards --videos-per-class 2
+      ssv2prep report s3://bucket/ssv2 --out ssv2-report
     """
     from ssv2prep.report import ReportConfig, write_report
 
