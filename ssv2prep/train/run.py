@@ -593,12 +593,17 @@ def _run_epoch(
 
         _on_main(ctx.dist, "save the checkpoint", write)
 
+    def checkpoint_due(step: int) -> bool:
+        done = step + 1 - epoch_start
+        return bool(every) and done % every == 0 and done < steps
+
     def on_step(stats: dict[str, Any]) -> None:
         emit("step", stats | {"epoch": epoch})
-        if (stats["step"] + 1) % cfg.runtime.log_every == 0:
-            metrics.write({"kind": "train", **stats, "epoch": epoch + 1})  # 1-based, as epoch and eval records
+        if stats["logged"]:
+            record = {k: v for k, v in stats.items() if k not in ("synced", "logged")}
+            metrics.write({"kind": "train", **record, "epoch": epoch + 1})  # 1-based, as epoch and eval records
         done = stats["step"] + 1 - epoch_start
-        if every and done % every == 0 and done < steps:
+        if checkpoint_due(stats["step"]):  # a sync point: the loop has checked this step's loss is finite
             total = sum_meter(meter, ctx.dist)  # every rank takes part; rank 0 saves
             mid = FitState(
                 epoch=epoch,
@@ -621,6 +626,7 @@ def _run_epoch(
         ctx=ctx,
         on_step=on_step,
         meter=meter,
+        sync_at=checkpoint_due,
     )
     state.global_step += int(summary["steps"])
     summary["steps"] = float(skip + summary["steps"])  # the whole epoch's, also when it was resumed
