@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,13 @@ from ssv2prep.train.dist import DistInfo, broadcast_object, init_distributed, te
 from ssv2prep.train.loop import StepContext, evaluate
 from ssv2prep.train.metrics import EvalMetrics, video_metrics
 from ssv2prep.train.report import markdown_table
-from ssv2prep.train.run import amp_dtype
+from ssv2prep.train.runtime import amp_dtype, check_device, exact_fp32, precision_name, use_channels_last
 
 log = logging.getLogger(__name__)
 
 CROPS = (1, 3, 5, 10)
 CLIPS = (1, 2)
 AMP_MODES = ("off", "auto", "bf16", "fp16")  # off: fp32, as the official test; auto: bf16 where supported, else fp16
-_PRECISION_NAMES: dict[torch.dtype | None, str] = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,41 +76,15 @@ class EvalConfig:
             raise ConfigError(f"--amp must be one of {list(AMP_MODES)}, got {self.amp!r}")
 
 
-def precision_name(dtype: torch.dtype | None) -> str:
-    """`fp32` for no autocast, else `bf16` / `fp16`: how report.json records what the model ran in."""
-    return _PRECISION_NAMES[dtype]
-
-
-@contextlib.contextmanager
-def exact_fp32(enabled: bool = True) -> Iterator[None]:
-    """While the block runs, fp32 convolutions and matmuls run in fp32, not TF32 (which cuDNN uses by default on
-    Ampere and newer GPUs, keeping 10 mantissa bits): the official test's arithmetic. A no-op when not `enabled`."""
-    if not enabled:
-        yield
-        return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def check_device(device: str) -> None:
-    """Raise ConfigError for `--device cuda` on a machine without CUDA (rather than a torch error later)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available here (use --device cpu or auto)")
-
-
 def eval_context(
     model: nn.Module, info: DistInfo, *, amp: str = "off", channels_last: bool | None = None
 ) -> tuple[nn.Module, StepContext]:
     """(the model in the memory layout it scores in, the StepContext of scoring) on `info.device`.
 
-    `channels_last` None means on for CUDA (as training: cuDNN's NHWC kernels are the fast ones there; on the CPU
-    the layout only costs a conversion). The layout changes no logit beyond float rounding.
+    `channels_last` None means on for CUDA, as in training (`use_channels_last`). The layout changes no logit beyond
+    float rounding.
     """
-    use = channels_last if channels_last is not None else info.device.type == "cuda"
+    use = use_channels_last(channels_last, info.device)
     model = model.to(info.device, memory_format=torch.channels_last) if use else model.to(info.device)
     return model, StepContext(dist=info, amp_dtype=amp_dtype(amp, info.device), channels_last=use)
 
