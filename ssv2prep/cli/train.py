@@ -542,6 +542,7 @@ def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, in
     is_flag=True,
     help="Autocast on CUDA (bf16 where supported, else fp16). Default: fp32, the official test's arithmetic.",
 )
+@click.option("--channels-last/--no-channels-last", default=None, help="Default: on for CUDA, as in train.")
 @_cache_options
 def eval_cmd(
     checkpoint: Path,
@@ -562,6 +563,7 @@ def eval_cmd(
     predictions: Path | None,
     device: str,
     amp: bool,
+    channels_last: bool | None,
     cache_dir: Path | None,
     cache_size: str,
     cache_verify: str,
@@ -602,6 +604,7 @@ def eval_cmd(
         predictions=predictions,
         device=device,
         amp="auto" if amp else "off",
+        channels_last=channels_last,
         **_cache_fields(cache_dir, cache_size, cache_verify),
     )
     with progress_bars() as progress:

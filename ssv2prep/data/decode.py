@@ -51,12 +51,73 @@ def decode_jpegs(jpegs: Sequence[bytes], device: torch.device = CPU) -> torch.Te
         if device.type == "cpu":
             frames = [decode_one_jpeg(b) for b in jpegs]
         else:
-            data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs]
-            with _torchvision_io():
-                frames = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            frames = decode_jpeg_list([torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpegs], device)
         return stack_channels_last(frames)
     except (RuntimeError, ValueError) as exc:
         raise DecodeError(f"JPEG frame does not decode ({' '.join(str(exc).split())[:200]})") from exc
+
+
+def decode_jpeg_list(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """One `torchvision.io.decode_jpeg` call over encoded frames (uint8 1-D tensors): uint8 RGB `(3, H, W)` each on
+    `device`. The single place a list of JPEGs reaches torchvision (one nvjpeg batch on CUDA).
+
+    On CUDA it runs on a side stream of this module's, so decoding overlaps the training step queued on the current
+    (compute) stream, and the current stream then waits for it. The side stream needs not wait for the compute
+    stream: the decode reads host bytes only and writes tensors allocated from the side stream's own pool, never a
+    block the compute stream freed while its queued kernels still read it (torchvision's decoder allocates its outputs
+    on the caller's stream but writes them from a stream of its own without waiting for the caller's). The outputs
+    are marked used by the compute stream (`record_stream`), so their blocks return to the side pool only after the
+    compute stream is done with them.
+    """
+    if device.type != "cuda":
+        with _torchvision_io():
+            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+    compute = torch.cuda.current_stream(device)
+    side = _side_stream(device)
+    with torch.cuda.stream(side), _torchvision_io():
+        frames = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+    compute.wait_stream(side)
+    for frame in frames:
+        frame.record_stream(compute)
+    return frames
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
+def decode_jpeg_batch(videos: Sequence[Sequence[bytes]], device: torch.device) -> list[torch.Tensor | DecodeError]:
+    """The JPEG frames of a batch's videos, decoded in one `decode_jpeg_list` call: per video uint8 `(N, 3, H, W)`
+    channels-last on `device`, or the DecodeError of that video (a frame that does not decode, frames of different
+    sizes). When the batch call fails, each video is decoded on its own to find the ones at fault.
+    """
+    flat = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for frames in videos for b in frames]
+    try:
+        decoded = decode_jpeg_list(flat, device) if flat else []
+    except (RuntimeError, ValueError):
+        return [_decode_or_error(frames, device) for frames in videos]
+    out: list[torch.Tensor | DecodeError] = []
+    start = 0
+    for frames in videos:
+        part, start = decoded[start : start + len(frames)], start + len(frames)
+        try:
+            out.append(stack_channels_last(part))
+        except (RuntimeError, ValueError) as exc:
+            out.append(DecodeError(f"JPEG frames do not stack ({' '.join(str(exc).split())[:200]})"))
+    return out
+
+
+def _decode_or_error(jpegs: Sequence[bytes], device: torch.device) -> torch.Tensor | DecodeError:
+    try:
+        return decode_jpegs(jpegs, device)
+    except DecodeError as exc:
+        return exc
 
 
 def decode_video_frames(data: bytes, frames: Sequence[int]) -> torch.Tensor:

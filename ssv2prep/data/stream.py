@@ -8,6 +8,7 @@ stopped the worker (the main process re-raises it).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections.abc import Iterable, Iterator
@@ -21,6 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ssv2prep.data.assign import ShardRange, batches_for_worker, eval_shards, plan_train_epoch
 from ssv2prep.data.cache import CacheConfig
 from ssv2prep.data.clip import ClipFinisher, ClipPlanner, ClipRequest, predecode_video
+from ssv2prep.data.decode import decode_jpeg_batch
 from ssv2prep.data.source import RawSample, ShardCheck, iter_samples
 from ssv2prep.data.transforms import stack_channels_last
 from ssv2prep.errors import SampleError, ShardError, Ssv2PrepError
@@ -252,11 +254,18 @@ class ClipStream(IterableDataset):
 
 
 def finish_pending(pending: PendingBatch, finisher: ClipFinisher, device: torch.device) -> Batch:
-    """Decode a pending batch on `device`; a sample that fails there is skipped and counted like in a worker."""
+    """Decode a pending batch on `device` (the JPEG frames of all its samples in one `decode_jpeg_batch` call); a
+    sample that fails there is skipped and counted like in a worker."""
     done: list[tuple[ClipRequest, torch.Tensor]] = []
     skipped = pending.skipped
+    decoded = iter(decode_jpeg_batch([r.jpegs for r in pending.requests if r.jpegs is not None], device))
     for request in pending.requests:
         try:
+            if request.jpegs is not None:
+                frames = next(decoded)
+                if isinstance(frames, SampleError):
+                    raise frames
+                request = dataclasses.replace(request, jpegs=None, decoded=frames)
             done.append((request, finisher(request, device)))
         except SampleError as exc:
             log.warning("skipped sample %s: %s", request.key, exc)

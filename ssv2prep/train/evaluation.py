@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,14 +32,13 @@ from ssv2prep.train.dist import DistInfo, all_ok, broadcast_object, init_distrib
 from ssv2prep.train.loop import StepContext, evaluate
 from ssv2prep.train.metrics import EvalMetrics, video_metrics
 from ssv2prep.train.report import markdown_table
-from ssv2prep.train.run import amp_dtype
+from ssv2prep.train.runtime import amp_dtype, check_device, exact_fp32, precision_name, use_channels_last
 
 log = logging.getLogger(__name__)
 
 CROPS = (1, 3, 5, 10)
 CLIPS = (1, 2)
 AMP_MODES = ("off", "auto", "bf16", "fp16")  # off: fp32, as the official test; auto: bf16 where supported, else fp16
-_PRECISION_NAMES: dict[torch.dtype | None, str] = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +60,7 @@ class EvalConfig:
     predictions: Path | None = None
     device: str = "auto"
     amp: str = "off"  # fp32 by default: autocast moves logits by about an off-by-one frame's worth
+    channels_last: bool | None = None  # None: on for CUDA, as in training
     cache_dir: Path | None = None  # local copies of streamed shards (see ssv2prep.data.cache)
     cache_size_bytes: int = 100 << 30
     cache_verify: str = "md5"
@@ -76,30 +76,17 @@ class EvalConfig:
             raise ConfigError(f"--amp must be one of {list(AMP_MODES)}, got {self.amp!r}")
 
 
-def precision_name(dtype: torch.dtype | None) -> str:
-    """`fp32` for no autocast, else `bf16` / `fp16`: how report.json records what the model ran in."""
-    return _PRECISION_NAMES[dtype]
+def eval_context(
+    model: nn.Module, info: DistInfo, *, amp: str = "off", channels_last: bool | None = None
+) -> tuple[nn.Module, StepContext]:
+    """(the model in the memory layout it scores in, the StepContext of scoring) on `info.device`.
 
-
-@contextlib.contextmanager
-def exact_fp32(enabled: bool = True) -> Iterator[None]:
-    """While the block runs, fp32 convolutions and matmuls run in fp32, not TF32 (which cuDNN uses by default on
-    Ampere and newer GPUs, keeping 10 mantissa bits): the official test's arithmetic. A no-op when not `enabled`."""
-    if not enabled:
-        yield
-        return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def check_device(device: str) -> None:
-    """Raise ConfigError for `--device cuda` on a machine without CUDA (rather than a torch error later)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available here (use --device cpu or auto)")
+    `channels_last` None means on for CUDA, as in training (`use_channels_last`). The layout changes no logit beyond
+    float rounding.
+    """
+    use = use_channels_last(channels_last, info.device)
+    model = model.to(info.device, memory_format=torch.channels_last) if use else model.to(info.device)
+    return model, StepContext(dist=info, amp_dtype=amp_dtype(amp, info.device), channels_last=use)
 
 
 def load_for_eval(path: Path, segments: int | None) -> tuple[nn.Module, Any, list[str] | None]:
@@ -482,7 +469,7 @@ def _evaluate_all(
     classes: list[str],
     on_batch: Callable[[int], None] | None,
 ) -> list[dict[str, Any]]:
-    ctx = StepContext(dist=info, amp_dtype=amp_dtype(cfg.amp, info.device))
+    model, ctx = eval_context(model, info, amp=cfg.amp, channels_last=cfg.channels_last)
     precision = precision_name(ctx.amp_dtype)
     if cfg.amp != "off" and ctx.amp_dtype is None:
         log.info("--amp has no effect on %s: evaluating in fp32", info.device)

@@ -26,8 +26,8 @@ from ssv2prep.data.transforms import eval_views, normalize_clips
 from ssv2prep.errors import ConfigError, SampleError
 from ssv2prep.prep.decode import decode_rgb
 from ssv2prep.train.dist import pick_device
-from ssv2prep.train.evaluation import check_device, exact_fp32, load_for_eval, precision_name, trained_sizes
-from ssv2prep.train.run import amp_dtype
+from ssv2prep.train.evaluation import load_for_eval, trained_sizes
+from ssv2prep.train.runtime import amp_dtype, check_device, exact_fp32, precision_name
 
 log = logging.getLogger(__name__)
 

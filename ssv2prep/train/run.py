@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -35,6 +33,7 @@ from ssv2prep.train.dist import (
 from ssv2prep.train.loop import StepContext, evaluate, sum_meter, train_one_epoch
 from ssv2prep.train.metrics import Meter, video_metrics
 from ssv2prep.train.report import MetricsLog, plot_run
+from ssv2prep.train.runtime import amp_dtype, rank_seed, seed_everything, set_training_flags, use_channels_last
 from ssv2prep.train.schedule import lr_factor, scaled_lr
 
 log = logging.getLogger(__name__)
@@ -86,33 +85,6 @@ class FitResult:
     global_step: int
     best_top1: float | None
     last_eval: dict[str, Any] | None
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """The seed of a rank's own draws (dropout): different on every rank and from `seed` itself (model init)."""
-    return int(np.random.SeedSequence([seed, rank, 1]).generate_state(1)[0])
-
-
-def choose_amp_dtype(mode: str, device_type: str, *, bf16_native: bool) -> torch.dtype | None:
-    """The autocast dtype for `--amp mode` on a device: None on CPU or when off; `auto` is bf16 where the GPU
-    computes it natively (Ampere and later), else fp16 with a loss scaler (V100 and T4 only emulate bf16, slowly)."""
-    if device_type != "cuda" or mode == "off":
-        return None
-    if mode == "bf16" or (mode == "auto" and bf16_native):
-        return torch.bfloat16
-    return torch.float16
-
-
-def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """`choose_amp_dtype` for this process's device."""
-    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    return choose_amp_dtype(mode, device.type, bf16_native=native)
 
 
 def build_loaders(cfg: TrainConfig, info: DistInfo) -> tuple[Any, Any, Any]:
@@ -183,7 +155,7 @@ def build_model(cfg: TrainConfig, classes: list[str] | None, info: DistInfo) -> 
 
     model_cfg = cfg.model if classes is None else replace(cfg.model, num_classes=len(classes))
     model = build_tsm(model_cfg).to(info.device)
-    if cfg.runtime.channels_last or (cfg.runtime.channels_last is None and info.device.type == "cuda"):
+    if use_channels_last(cfg.runtime.channels_last, info.device):
         model = model.to(memory_format=torch.channels_last)
     return model
 
@@ -222,30 +194,20 @@ def _lr_setter(
     return set_lr
 
 
-def _checkpoint_state(
-    model: nn.Module,
-    optimizer: Any,
-    scaler: Any,
-    state: FitState,
-    cfg: TrainConfig,
-    classes: list[str],
-    *,
-    steps_per_epoch: int,
-    rngs: list[dict[str, Any]],
-) -> dict[str, Any]:
+def _checkpoint_state(p: _Parts, at: FitState, rngs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": state.epoch,
-        "global_step": state.global_step,
-        "best_top1": state.best_top1,
-        "epoch_step": state.epoch_step,
-        "epoch_meter": state.epoch_meter,
-        "steps_per_epoch": steps_per_epoch,
-        "config": cfg.to_dict(),
-        "model_config": model.cfg.to_dict(),  # type: ignore[union-attr]
-        "classes": classes,
+        "model": p.model.state_dict(),
+        "optimizer": p.optimizer.state_dict(),
+        "scaler": p.scaler.state_dict(),
+        "epoch": at.epoch,
+        "global_step": at.global_step,
+        "best_top1": at.best_top1,
+        "epoch_step": at.epoch_step,
+        "epoch_meter": at.epoch_meter,
+        "steps_per_epoch": p.steps,
+        "config": p.cfg.to_dict(),
+        "model_config": p.model.cfg.to_dict(),  # type: ignore[union-attr]
+        "classes": p.classes,
         "world_size": len(rngs),
         "rng": rngs,
     }
@@ -469,19 +431,57 @@ def fit(cfg: TrainConfig, *, on_event: Callable[[str, dict[str, Any]], None] | N
         teardown(info)
 
 
+@dataclass(slots=True)
+class _Parts:
+    """What the epoch loop works with, built once by `_build_parts` (the orchestrator's state in one place)."""
+
+    cfg: TrainConfig
+    info: DistInfo
+    emit: Callable[[str, dict[str, Any]], None]
+    model: nn.Module  # the bare model: state_dict, evaluation
+    net: nn.Module  # what trains: the model, or its DDP / compiled wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    criterion: nn.Module
+    set_lr: Callable[[int], float]
+    ctx: StepContext
+    train_loader: Any
+    val_loader: Any
+    classes: list[str]
+    base_lr: float
+    metrics: MetricsLog
+    state: FitState
+
+    @property
+    def steps(self) -> int:
+        """Train steps per epoch."""
+        return len(self.train_loader)
+
+
 def _fit(cfg: TrainConfig, info: DistInfo, emit: Callable[[str, dict[str, Any]], None]) -> FitResult:
-    _seed_everything(cfg.runtime.seed)  # the model's initial weights: the same on every rank
+    p = _build_parts(cfg, info, emit)
+    emit("start", _start_event(p))
+    last_eval = None
+    for epoch in range(p.state.epoch, cfg.optim.epochs):
+        last_eval = _run_epoch(p, epoch) or last_eval
+    p.metrics.close()
+    barrier(info)
+    best = p.state.best_top1 if p.state.best_top1 >= 0 else None
+    return FitResult(cfg.out, p.state.epoch, p.state.global_step, best, last_eval)
+
+
+def _build_parts(cfg: TrainConfig, info: DistInfo, emit: Callable[[str, dict[str, Any]], None]) -> _Parts:
+    """Loaders, model, optimizer, loss scaler and the resumed state, in the order the seeds need."""
+    seed_everything(cfg.runtime.seed)  # the model's initial weights: the same on every rank
     train_loader, val_loader, source = build_loaders(cfg, info)
     classes = train_classes(source, cfg.train)
     model = build_model(cfg, classes, info)
     optimizer, base_lr = build_optimizer(cfg, model, info)
-    _seed_everything(rank_seed(cfg.runtime.seed, info.rank))  # dropout: each rank draws its own masks
+    seed_everything(rank_seed(cfg.runtime.seed, info.rank))  # dropout: each rank draws its own masks
     dtype = amp_dtype(cfg.runtime.amp, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=dtype == torch.float16)
-    run_dir = cfg.out
     ckpt = _resume_checkpoint(cfg, info, classes, base_lr)
-    metrics = _on_main(info, "write the run folder", lambda: MetricsLog(run_dir)) or MetricsLog(run_dir, enabled=False)
-    steps = len(train_loader)
+    metrics = _on_main(info, "write the run folder", lambda: MetricsLog(cfg.out)) or MetricsLog(cfg.out, enabled=False)
     state = _resume(
         ckpt,
         model,
@@ -489,11 +489,44 @@ def _fit(cfg: TrainConfig, info: DistInfo, emit: Callable[[str, dict[str, Any]],
         scaler,
         metrics,
         info=info,
-        steps_per_epoch=steps,
-        path=run_dir / "last.pt",
+        steps_per_epoch=len(train_loader),
+        path=cfg.out / "last.pt",
         num_workers=cfg.data.num_workers,
     )
     del ckpt
+    set_training_flags(info.device)
+    return _Parts(
+        cfg=cfg,
+        info=info,
+        emit=emit,
+        model=model,
+        net=_wrap(model, cfg, info),
+        optimizer=optimizer,
+        scaler=scaler,
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing),
+        set_lr=_lr_setter(cfg, optimizer, base_lr, len(train_loader)),
+        ctx=_step_context(cfg, info, dtype),
+        train_loader=train_loader,
+        val_loader=val_loader,
+        classes=classes,
+        base_lr=base_lr,
+        metrics=metrics,
+        state=state,
+    )
+
+
+def _step_context(cfg: TrainConfig, info: DistInfo, dtype: torch.dtype | None) -> StepContext:
+    return StepContext(
+        dist=info,
+        amp_dtype=dtype,
+        log_every=cfg.runtime.log_every,
+        clip_grad=cfg.optim.clip_grad,
+        channels_last=use_channels_last(cfg.runtime.channels_last, info.device),
+    )
+
+
+def _wrap(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> nn.Module:
+    """The module that trains: DDP over the model when distributed, compiled with `--compile`."""
     net: nn.Module = model
     if info.distributed:
         net = nn.parallel.DistributedDataParallel(
@@ -501,144 +534,106 @@ def _fit(cfg: TrainConfig, info: DistInfo, emit: Callable[[str, dict[str, Any]],
         )
     if cfg.runtime.compile:
         net = torch.compile(net)  # type: ignore[assignment]
-    if info.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # training clips have one fixed size: let cuDNN pick its fastest kernels
-    ctx = StepContext(
-        dist=info,
-        amp_dtype=dtype,
-        log_every=cfg.runtime.log_every,
-        clip_grad=cfg.optim.clip_grad,
-        channels_last=cfg.runtime.channels_last or (cfg.runtime.channels_last is None and info.device.type == "cuda"),
-    )
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
-    set_lr = _lr_setter(cfg, optimizer, base_lr, steps)
-    emit(
-        "start",
-        {
-            "epochs": cfg.optim.epochs,
-            "start_epoch": state.epoch,
-            "steps_per_epoch": steps,
-            "world_size": info.world_size,
-            "batch_size": cfg.data.batch_size,
-            "base_lr": base_lr,
-            "device": str(info.device),
-            "amp": str(dtype),
-            "classes": len(classes),
-        },
-    )
-    last_eval = None
-    for epoch in range(state.epoch, cfg.optim.epochs):
-        last_eval = (
-            _run_epoch(
-                epoch,
-                net,
-                model,
-                train_loader,
-                val_loader,
-                optimizer,
-                scaler,
-                criterion,
-                set_lr,
-                ctx,
-                state,
-                metrics,
-                cfg,
-                classes,
-                emit,
-            )
-            or last_eval
-        )
-    metrics.close()
-    barrier(info)
-    return FitResult(
-        run_dir, state.epoch, state.global_step, state.best_top1 if state.best_top1 >= 0 else None, last_eval
-    )
+    return net
 
 
-def _run_epoch(
-    epoch: int,
-    net: nn.Module,
-    model: nn.Module,
-    train_loader: Any,
-    val_loader: Any,
-    optimizer: Any,
-    scaler: Any,
-    criterion: nn.Module,
-    set_lr: Callable[[int], float],
-    ctx: StepContext,
-    state: FitState,
-    metrics: MetricsLog,
-    cfg: TrainConfig,
-    classes: list[str],
-    emit: Callable[[str, dict[str, Any]], None],
-) -> dict[str, Any] | None:
-    skip, state.epoch_step = state.epoch_step, 0  # resuming mid-epoch: the steps of this epoch already done
-    train_loader.set_epoch(epoch, skip=skip)
+def _start_event(p: _Parts) -> dict[str, Any]:
+    return {
+        "epochs": p.cfg.optim.epochs,
+        "start_epoch": p.state.epoch,
+        "steps_per_epoch": p.steps,
+        "world_size": p.info.world_size,
+        "batch_size": p.cfg.data.batch_size,
+        "base_lr": p.base_lr,
+        "device": str(p.info.device),
+        "amp": str(p.ctx.amp_dtype),
+        "classes": len(p.classes),
+    }
+
+
+def _run_epoch(p: _Parts, epoch: int) -> dict[str, Any] | None:
+    """Train one epoch, evaluate when due, save the checkpoint; returns the evaluation record (None if none)."""
+    skip = p.state.epoch_step  # resuming mid-epoch: the steps of this epoch already done
+    summary = _train_epoch(p, epoch)
+    p.state.global_step += int(summary["steps"])
+    summary["steps"] = float(skip + summary["steps"])  # the whole epoch's, also when it was resumed
+    p.state.epoch = epoch + 1
+    record = {"kind": "epoch", "epoch": epoch + 1, "step": p.state.global_step, **summary}
+    p.metrics.write(record)
+    p.emit("epoch", record)
+    evaluation = _evaluate_if_due(p, epoch)
+    improved = evaluation is not None and evaluation["top1"] > p.state.best_top1
+    if improved:
+        p.state.best_top1 = evaluation["top1"]  # type: ignore[index]
+    _save_checkpoint(p, p.state, best=improved, plots=True)
+    return evaluation
+
+
+def _train_epoch(p: _Parts, epoch: int) -> dict[str, float]:
+    """`train_one_epoch` with this run's logging and mid-epoch checkpoints (every `checkpoint_every` steps)."""
+    skip, p.state.epoch_step = p.state.epoch_step, 0
+    p.train_loader.set_epoch(epoch, skip=skip)
     # The saved sums are already totals over all ranks: one rank carries them on, or they would count twice.
-    saved, state.epoch_meter = (state.epoch_meter if skip else None), None
-    meter = Meter(**saved) if saved is not None and ctx.dist.is_main else Meter()
-    epoch_start = state.global_step - skip
-    every = cfg.runtime.checkpoint_every
-    steps = len(train_loader)
+    saved, p.state.epoch_meter = (p.state.epoch_meter if skip else None), None
+    meter = Meter(**saved) if saved is not None and p.info.is_main else Meter()
+    epoch_start, every = p.state.global_step - skip, p.cfg.runtime.checkpoint_every
 
-    def save(at: FitState, *, best: bool, plots: bool) -> None:
-        # Every rank takes part (its own RNG state goes in the file); rank 0 writes.
-        rngs = all_gather_objects(rng_state(ctx.dist.device), ctx.dist)
-
-        def write() -> None:
-            ckpt = _checkpoint_state(model, optimizer, scaler, at, cfg, classes, steps_per_epoch=steps, rngs=rngs)
-            _save(cfg.out, ckpt, best=best)
-            if plots:
-                plot_run(cfg.out)
-
-        _on_main(ctx.dist, "save the checkpoint", write)
+    def checkpoint_due(step: int) -> bool:
+        done = step + 1 - epoch_start
+        return bool(every) and done % every == 0 and done < p.steps
 
     def on_step(stats: dict[str, Any]) -> None:
-        emit("step", stats | {"epoch": epoch})
-        if (stats["step"] + 1) % cfg.runtime.log_every == 0:
-            metrics.write({"kind": "train", **stats, "epoch": epoch + 1})  # 1-based, as epoch and eval records
-        done = stats["step"] + 1 - epoch_start
-        if every and done % every == 0 and done < steps:
-            total = sum_meter(meter, ctx.dist)  # every rank takes part; rank 0 saves
-            mid = FitState(
+        p.emit("step", stats | {"epoch": epoch})
+        if stats["logged"]:
+            record = {k: v for k, v in stats.items() if k not in ("synced", "logged")}
+            p.metrics.write({"kind": "train", **record, "epoch": epoch + 1})  # 1-based, as epoch and eval records
+        if checkpoint_due(stats["step"]):  # a sync point: the loop has checked this step's loss is finite
+            total = sum_meter(meter, p.info)  # every rank takes part; rank 0 saves
+            mid = replace(
+                p.state,
                 epoch=epoch,
                 global_step=stats["step"] + 1,
-                best_top1=state.best_top1,
-                epoch_step=done,
+                epoch_step=stats["step"] + 1 - epoch_start,
                 epoch_meter={"sums": total.sums, "counts": total.counts},
             )
-            save(mid, best=False, plots=False)
+            _save_checkpoint(p, mid, best=False, plots=False)
 
-    summary = train_one_epoch(
-        net,
-        train_loader,
-        optimizer,
-        scaler,
-        criterion,
+    return train_one_epoch(
+        p.net,
+        p.train_loader,
+        p.optimizer,
+        p.scaler,
+        p.criterion,
         epoch=epoch,
-        start_step=state.global_step,
-        set_lr=set_lr,
-        ctx=ctx,
+        start_step=p.state.global_step,
+        set_lr=p.set_lr,
+        ctx=p.ctx,
         on_step=on_step,
         meter=meter,
+        sync_at=checkpoint_due,
     )
-    state.global_step += int(summary["steps"])
-    summary["steps"] = float(skip + summary["steps"])  # the whole epoch's, also when it was resumed
-    state.epoch = epoch + 1
-    record = {"kind": "epoch", "epoch": epoch + 1, "step": state.global_step, **summary}
-    metrics.write(record)
-    emit("epoch", record)
-    evaluation = None
-    is_eval_epoch = (epoch + 1) % cfg.runtime.eval_every == 0 or epoch + 1 == cfg.optim.epochs
-    if val_loader is not None and is_eval_epoch:
-        # The bare model, not the DDP wrapper: its first forward after training broadcasts BN buffers, a
-        # collective that a rank without validation shards (fewer shards than ranks) would never join.
-        out = evaluate(model, val_loader, ctx=ctx)
-        evaluation = _eval_record(out, classes, epoch + 1, state.global_step)
-        metrics.write(evaluation)
-        emit("eval", evaluation)
-    improved = evaluation is not None and evaluation["top1"] > state.best_top1
-    if improved:
-        state.best_top1 = evaluation["top1"]  # type: ignore[index]
-    save(state, best=improved, plots=True)
+
+
+def _evaluate_if_due(p: _Parts, epoch: int) -> dict[str, Any] | None:
+    due = (epoch + 1) % p.cfg.runtime.eval_every == 0 or epoch + 1 == p.cfg.optim.epochs
+    if p.val_loader is None or not due:
+        return None
+    # The bare model, not the DDP wrapper: its first forward after training broadcasts BN buffers, a
+    # collective that a rank without validation shards (fewer shards than ranks) would never join.
+    out = evaluate(p.model, p.val_loader, ctx=p.ctx)
+    evaluation = _eval_record(out, p.classes, epoch + 1, p.state.global_step)
+    p.metrics.write(evaluation)
+    p.emit("eval", evaluation)
     return evaluation
+
+
+def _save_checkpoint(p: _Parts, at: FitState, *, best: bool, plots: bool) -> None:
+    """Save `at` as last.pt (and best.pt): every rank takes part (its own RNG state goes in the file); rank 0 writes."""
+    rngs = all_gather_objects(rng_state(p.info.device), p.info)
+
+    def write() -> None:
+        _save(p.cfg.out, _checkpoint_state(p, at, rngs), best=best)
+        if plots:
+            plot_run(p.cfg.out)
+
+    _on_main(p.info, "save the checkpoint", write)

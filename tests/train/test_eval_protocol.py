@@ -397,3 +397,38 @@ def test_predict_with_an_unreadable_classes_file_is_one_line(ckpt: Path, synth_t
     bad.write_text("[not json")
     code, _, stderr = run("predict", str(ckpt), str(synth_tiny.videos_dir / "1.webm"), "--classes", str(bad))
     assert_one_line_error(code, stderr, "--classes", str(bad))
+
+
+# ---------------------------------------------------------------------------------------------------- memory layout
+
+
+def test_eval_in_channels_last_scores_the_same_logits(ckpt: Path, tiny_shards: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from ssv2prep.data.loader import DataConfig, build_eval_loader
+    from ssv2prep.data.source import resolve_source
+    from ssv2prep.train.dist import DistInfo
+    from ssv2prep.train.evaluation import eval_context
+    from ssv2prep.train.loop import evaluate
+
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    data = DataConfig(num_segments=2, crop_size=32, scale_size=40, batch_size=2, num_workers=0)
+    loader = build_eval_loader(resolve_source(str(tiny_shards / "ssv2-validation.json")), data, crops=3)
+    outs = {}
+    for channels_last in (False, True):
+        net, ctx = eval_context(load_for_eval(ckpt, None)[0], info, channels_last=channels_last)
+        assert ctx.channels_last is channels_last
+        assert net.base_model.conv1.weight.is_contiguous(memory_format=torch.channels_last) is channels_last
+        outs[channels_last] = evaluate(net, loader, ctx=ctx)
+    assert outs[True].keys == outs[False].keys and len(outs[True].keys) == 4
+    np.testing.assert_allclose(outs[True].scores, outs[False].scores, rtol=0, atol=1e-5)
+    assert eval_context(load_for_eval(ckpt, None)[0], info)[1].channels_last is False  # default: on for CUDA only
+    # the option reaches eval, through the API and the CLI
+    val = tiny_shards / "ssv2-validation.json"
+    rows = [evaluate_checkpoint(eval_config(ckpt, val, tmp_path / f"e{c}", channels_last=c))[0] for c in (False, True)]
+    assert rows[0]["top1"] == rows[1]["top1"] and rows[0]["top5"] == rows[1]["top5"]
+    code, _, stderr = run(
+        "eval", "--checkpoint", str(ckpt), "--data", str(val), "--out", str(tmp_path / "cli"), "--channels-last",
+        "--device", "cpu", "--workers", "0", *SIZES,
+    )  # fmt: skip
+    assert code == 0, stderr

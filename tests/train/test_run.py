@@ -636,13 +636,13 @@ def test_ranks_resume_what_rank_0_has_even_when_their_own_disk_differs(tiny_shar
     ],
 )
 def test_amp_auto_picks_bf16_only_where_the_gpu_has_it(mode, device_type, bf16_native, expected) -> None:
-    from ssv2prep.train.run import choose_amp_dtype
+    from ssv2prep.train.runtime import choose_amp_dtype
 
     assert choose_amp_dtype(mode, device_type, bf16_native=bf16_native) == expected
 
 
 def test_each_rank_draws_its_own_dropout_masks_from_a_seed_apart_from_the_init_one() -> None:
-    from ssv2prep.train.run import rank_seed
+    from ssv2prep.train.runtime import rank_seed
 
     seeds = [rank_seed(0, rank) for rank in range(64)]
     assert len(set(seeds)) == 64 and 0 not in seeds and seeds == [rank_seed(0, r) for r in range(64)]
