@@ -1,0 +1,49 @@
+"""The model-side commands as a newcomer meets them: -q, eval's report folder, --grid with --predictions,
+start-up feedback, lr wording and `train --config` replays (CPU, resnet18, 4 frames of 32 px)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ssv2prep.cli import main
+
+TINY_TRAIN = [
+    "--backbone", "resnet18", "--segments", "4", "--crop-size", "32", "--scale-size", "40", "--batch-size", "4",
+    "--workers", "1", "--lr-steps", "", "--log-every", "1", "--dropout", "0.0", "--device", "cpu",
+]  # fmt: skip
+TINY_EVAL = ["--batch-size", "4", "--workers", "0", "--device", "cpu"]
+
+
+def invoke(*args: str) -> object:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder trained 1 epoch through the command line."""
+    out = tmp_path_factory.mktemp("run") / "tsm"
+    invoke("train", "--data", str(tiny_shards), "--out", str(out), "--epochs", "1", *TINY_TRAIN)
+    return out
+
+
+def test_quiet_prints_nothing_on_stdout_and_still_writes_the_files(
+    run: Path, tiny_shards: Path, tmp_path: Path
+) -> None:
+    ckpt = str(run / "last.pt")
+    loud = invoke("eval", "--checkpoint", ckpt, "--data", str(tiny_shards), "--out", str(tmp_path / "a"), *TINY_EVAL)
+    assert "top-1" in loud.stdout  # the reference: without -q the result is on stdout
+    result = invoke(
+        "-q", "eval", "--checkpoint", ckpt, "--data", str(tiny_shards), "--out", str(tmp_path / "q"), *TINY_EVAL
+    )
+    assert result.stdout == ""
+    assert (tmp_path / "q" / "report.json").is_file() and (tmp_path / "q" / "per_class.csv").is_file()
+    quiet_top1 = json.loads((tmp_path / "q" / "report.json").read_text())["settings"][0]["top1"]
+    assert quiet_top1 == json.loads((tmp_path / "a" / "report.json").read_text())["settings"][0]["top1"]
+    assert invoke("-q", "verify", str(tiny_shards)).stdout == ""
+    assert "verify: OK" in invoke("verify", str(tiny_shards)).stdout
