@@ -4,6 +4,7 @@ start-up feedback, lr wording and `train --config` replays (CPU, resnet18, 4 fra
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,28 @@ def test_quiet_prints_nothing_on_stdout_and_still_writes_the_files(
     assert quiet_top1 == json.loads((tmp_path / "a" / "report.json").read_text())["settings"][0]["top1"]
     assert invoke("-q", "verify", str(tiny_shards)).stdout == ""
     assert "verify: OK" in invoke("verify", str(tiny_shards)).stdout
+
+
+def test_the_default_eval_folder_keeps_an_eval_of_other_data(run: Path, tiny_shards: Path, tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt" / "last.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes((run / "last.pt").read_bytes())
+    other = tmp_path / "other-shards"
+    shutil.copytree(tiny_shards, other)
+
+    def data_of(folder: str) -> str:
+        return json.loads((ckpt.parent / folder / "report.json").read_text())["data"]
+
+    invoke("eval", "--checkpoint", str(ckpt), "--data", str(tiny_shards), *TINY_EVAL)
+    assert data_of("eval-validation") == str(tiny_shards / "ssv2-validation.json")
+    result = invoke("eval", "--checkpoint", str(ckpt), "--data", str(other), *TINY_EVAL)
+    assert data_of("eval-validation") == str(tiny_shards / "ssv2-validation.json")  # kept
+    assert data_of("eval-validation-2") == str(other / "ssv2-validation.json")
+    assert f"reports in {ckpt.parent / 'eval-validation-2'}" in result.stdout
+    # the same eval again replaces its own reports instead of making a third folder
+    invoke("eval", "--checkpoint", str(ckpt), "--data", str(tiny_shards), *TINY_EVAL)
+    invoke("eval", "--checkpoint", str(ckpt), "--data", str(other), *TINY_EVAL)
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["eval-validation", "eval-validation-2", "last.pt"]
+    # an index file named ssv2-<split>.json names the folder after its split
+    invoke("eval", "--checkpoint", str(ckpt), "--data", str(tiny_shards / "ssv2-train.json"), *TINY_EVAL)
+    assert data_of("eval-train") == str(tiny_shards / "ssv2-train.json")

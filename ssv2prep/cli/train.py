@@ -477,6 +477,44 @@ def _hms(seconds: float) -> str:
 _SPLIT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
+_INDEX_SPLIT_RE = re.compile(r"ssv2-([A-Za-z0-9][A-Za-z0-9_-]*)\.json")
+
+
+def _default_eval_out(checkpoint: Path, split: str, data: str) -> Path:
+    """The default report folder: `eval-<split>` beside the checkpoint, unless it holds something else than an
+    earlier eval of this checkpoint on this data; then the first `eval-<split>-N` (N = 2, 3, ...) that is free or
+    holds exactly that. A folder without a readable report.json but with files in it is never reused."""
+    import itertools
+    import json
+
+    base = checkpoint.parent / f"eval-{split}"
+    for n in itertools.count(1):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+            break
+        try:
+            report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+            same = _same_place(report["checkpoint"], str(checkpoint)) and _same_place(report["data"], data)
+        except (OSError, ValueError, KeyError, TypeError):
+            same = False
+        if same:
+            break
+    if n > 1:
+        logging.getLogger("ssv2prep.eval").info(
+            "%s holds the reports of another checkpoint or other data: this eval's go to %s (--out chooses)",
+            base,
+            folder,
+        )
+    return folder
+
+
+def _same_place(recorded: str, given: str) -> bool:
+    """Whether two data/checkpoint names mean the same thing: the same file for local paths, else equal text."""
+    if "://" in recorded or "://" in given or recorded.startswith("pipe:") or given.startswith("pipe:"):
+        return recorded == given
+    return Path(recorded).resolve() == Path(given).resolve()
+
+
 def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, int], ...]:
     """`crops=1,3;clips=1,2` -> every combination; no grid -> ((crops, clips),)."""
     if not grid:
@@ -528,7 +566,10 @@ def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, in
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Report folder (default: eval-<split> beside the checkpoint).",
+    help="Report folder, written even when it holds reports already. Default: eval-<split> beside the "
+    "checkpoint (<split> from --split, or from an ssv2-<split>.json given as --data); a re-run of the same "
+    "checkpoint on the same data replaces its reports there, while another checkpoint or other data goes to "
+    "the first free eval-<split>-2, -3, ... (said in a log line), so no earlier eval is lost.",
 )
 @click.option(
     "--predictions",
@@ -586,6 +627,11 @@ def eval_cmd(
     spec = data_spec
     if Path(data_spec).is_dir():
         spec = str(Path(data_spec) / f"ssv2-{split}.json")
+    elif click.get_current_context().get_parameter_source("split") is click.core.ParameterSource.DEFAULT:
+        named = _INDEX_SPLIT_RE.fullmatch(data_spec.rstrip("/").rsplit("/", 1)[-1])
+        split = named.group(1) if named else split  # an ssv2-test.json given as --data: its reports are test's
+    if out_dir is None:
+        out_dir = _default_eval_out(checkpoint, split, spec)
     cfg = EvalConfig(
         checkpoint=checkpoint,
         data=spec,
@@ -598,7 +644,7 @@ def eval_cmd(
         scale_size=scale_size,
         batch_size=batch_size,
         workers=workers,
-        out=out_dir or checkpoint.parent / f"eval-{split}",
+        out=out_dir,
         predictions=predictions,
         device=device,
         amp="auto" if amp else "off",
