@@ -73,3 +73,19 @@ def test_the_default_eval_folder_keeps_an_eval_of_other_data(run: Path, tiny_sha
     # an index file named ssv2-<split>.json names the folder after its split
     invoke("eval", "--checkpoint", str(ckpt), "--data", str(tiny_shards / "ssv2-train.json"), *TINY_EVAL)
     assert data_of("eval-train") == str(tiny_shards / "ssv2-train.json")
+
+
+def test_grid_predictions_are_the_first_settings_and_say_so(run: Path, tiny_shards: Path, tmp_path: Path) -> None:
+    ckpt, data = str(run / "last.pt"), str(tiny_shards)
+    grid = tmp_path / "grid.csv"
+    result = invoke(
+        "eval", "--checkpoint", ckpt, "--data", data, "--grid", "crops=3,1;clips=2,1", "--predictions", str(grid),
+        "--out", str(tmp_path / "g"), *TINY_EVAL,
+    )  # fmt: skip
+    assert f"predictions of the first setting, 3 crops x 2 clips, in {grid}" in result.stdout
+    single = tmp_path / "single.csv"
+    one = ["--crops", "3", "--clips", "2", "--predictions", str(single), "--out", str(tmp_path / "s")]
+    result = invoke("eval", "--checkpoint", ckpt, "--data", data, *one, *TINY_EVAL)
+    assert f"predictions in {single}" in result.stdout and "first setting" not in result.stdout
+    assert grid.read_text() == single.read_text() and len(grid.read_text().splitlines()) == 4
+    assert "first setting" in " ".join(invoke("eval", "--help").stdout.split())

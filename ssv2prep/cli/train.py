@@ -575,7 +575,8 @@ def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, in
     "--predictions",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Write per-video top-5 class indices (id;c1;c2;c3;c4;c5) for submission.",
+    help="Write per-video top-5 class indices (id;c1;c2;c3;c4;c5) for submission. With --grid: those of the "
+    "first setting (the first crops= and clips= values), which the eval names when it writes them.",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option(
@@ -667,6 +668,11 @@ def eval_cmd(
             f"on {r['labelled']} videos{unlabelled}, {r['seconds_per_video']:.3f} s/video",
             markup=False,
         )
+    written = predictions_file(cfg, rows)
+    if written is not None and any(r["labelled"] for r in rows):
+        first = rows[0]
+        which = f" of the first setting, {first['crops']} crops x {first['clips']} clips," if len(rows) > 1 else ""
+        out.print(f"predictions{which} in {written}", markup=False)
     out.print(f"reports in {cfg.out}", markup=False)
 
 
