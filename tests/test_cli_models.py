@@ -29,7 +29,8 @@ def invoke(*args: str) -> object:
 def run(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder trained 1 epoch through the command line."""
     out = tmp_path_factory.mktemp("run") / "tsm"
-    invoke("train", "--data", str(tiny_shards), "--out", str(out), "--epochs", "1", *TINY_TRAIN)
+    result = invoke("train", "--data", str(tiny_shards), "--out", str(out), "--epochs", "1", *TINY_TRAIN)
+    (out.parent / "train.stderr").write_text(result.stderr)  # off a terminal: the plain log lines
     return out
 
 
@@ -89,3 +90,16 @@ def test_grid_predictions_are_the_first_settings_and_say_so(run: Path, tiny_shar
     assert f"predictions in {single}" in result.stdout and "first setting" not in result.stdout
     assert grid.read_text() == single.read_text() and len(grid.read_text().splitlines()) == 4
     assert "first setting" in " ".join(invoke("eval", "--help").stdout.split())
+
+
+def test_every_line_with_an_lr_says_how_it_was_scaled(run: Path, tiny_shards: Path, tmp_path: Path) -> None:
+    lines = (run.parent / "train.stderr").read_text().splitlines()
+    start = [line for line in lines if "training on cpu x 1" in line]
+    assert len(start) == 1 and "base lr 0.000625 (0.01 per 64 clips x 4/64)" in start[0]  # 0.01 x 4 / 64
+    steps = [line for line in lines if " step " in line and " lr " in line]
+    assert len(steps) == 3 and all("lr 6.250e-04 (0.01 per 64 clips x 4/64)" in line for line in steps), steps
+    out = tmp_path / "as-given"
+    args = ["--out", str(out), "--epochs", "1", *TINY_TRAIN, "--no-lr-scaling", "--lr", "0.002"]
+    result = invoke("train", "--data", str(tiny_shards), *args)
+    steps = [line for line in result.stderr.splitlines() if " step " in line and " lr " in line]
+    assert len(steps) == 3 and all("lr 2.000e-03 (--lr 0.002 as given, --no-lr-scaling)" in line for line in steps)

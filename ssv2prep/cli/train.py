@@ -201,7 +201,14 @@ def train(**opts: Any) -> None:
 
     json_log = _open_log_file(opts["log_file"])
     try:
-        with _TrainProgress(enabled=_is_main_process(), every_steps=cfg.runtime.log_every, json=json_log) as progress:
+        progress = _TrainProgress(
+            enabled=_is_main_process(),
+            every_steps=cfg.runtime.log_every,
+            json=json_log,
+            lr=cfg.optim.lr,
+            scale_lr=cfg.optim.scale_lr,
+        )
+        with progress:
             result = fit(cfg, on_event=progress.event)
     finally:
         if json_log is not None:
@@ -316,12 +323,21 @@ def _open_log_file(path: Path | None) -> logging.Handler | None:
 class _TrainProgress:
     """Progress for `fit` events. On a terminal: one rich bar per epoch. Off one (batch jobs): one plain log line
     every `every_steps` steps or `every_s` seconds (epoch, step/steps, loss, lr, clips/s, data wait, ETA).
-    Step lines also go to the `--log-file` handler (`json`), also when the bar shows them."""
+    Step lines also go to the `--log-file` handler (`json`), also when the bar shows them. Every line with an lr
+    says how it came from `--lr` (`lr`, per 64 clips when `scale_lr`) and the total batch."""
 
     def __init__(
-        self, *, enabled: bool, every_steps: int = 10, every_s: float = 60.0, json: logging.Handler | None = None
+        self,
+        *,
+        enabled: bool,
+        every_steps: int = 10,
+        every_s: float = 60.0,
+        json: logging.Handler | None = None,
+        lr: float | None = None,
+        scale_lr: bool = True,
     ) -> None:
         self.enabled = enabled
+        self.given_lr, self.scale_lr, self.base_lr = lr, scale_lr, 0.0
         self.bar = enabled and console.is_terminal
         self.every_steps, self.every_s, self.json = every_steps, every_s, json
         self.progress = Progress(
@@ -355,9 +371,10 @@ class _TrainProgress:
     def _on_start(self, d: dict[str, Any]) -> None:
         self.steps, self.epochs = d["steps_per_epoch"], d["epochs"]
         self.clips_per_step = d["batch_size"] * d["world_size"]
+        self.base_lr = d["base_lr"]
         self.window.reset()
         self.log.info(
-            "training on %s x %d (amp %s): %d clips per process, %d in total, base lr %.5f, "
+            "training on %s x %d (amp %s): %d clips per process, %d in total, base lr %.5g (%s), "
             "%d steps per epoch, epochs %d..%d",
             d["device"],
             d["world_size"],
@@ -365,11 +382,22 @@ class _TrainProgress:
             d["batch_size"],
             d["batch_size"] * d["world_size"],
             d["base_lr"],
+            self.lr_origin(d["base_lr"]),
             self.steps,
             d["start_epoch"] + 1,
             d["epochs"],
             extra={"fields": {"event": "start", **d}},
         )
+
+    def lr_origin(self, lr: float) -> str:
+        """How `lr` came about, e.g. '0.01 per 64 clips x 16/64' or '--lr 0.01 as given x 0.1 schedule'."""
+        if self.given_lr is None:
+            return "--lr unknown"
+        factor = lr / self.base_lr if self.base_lr else 1.0
+        schedule = "" if abs(factor - 1) < 1e-6 else f" x {factor:.3g} schedule"
+        if self.scale_lr:
+            return f"{self.given_lr:g} per 64 clips x {self.clips_per_step}/64{schedule}"
+        return f"--lr {self.given_lr:g} as given, --no-lr-scaling{schedule}"
 
     def _on_step(self, d: dict[str, Any]) -> None:
         if self.bar:
@@ -389,7 +417,8 @@ class _TrainProgress:
         )
         text = (
             f"epoch {fields['epoch']}/{self.epochs} step {done}/{self.steps} loss {fields['loss']:.4f} "
-            f"lr {fields['lr']:.3e} {fields['clips_per_s']:.1f} clips/s data {fields['data_wait_pct']:.0f}% "
+            f"lr {fields['lr']:.3e} ({self.lr_origin(fields['lr'])}) "
+            f"{fields['clips_per_s']:.1f} clips/s data {fields['data_wait_pct']:.0f}% "
             f"eta {_hms(fields['eta_epoch_s'])} (run {_hms(fields['eta_run_s'])})"
         )
         if not self.bar:
