@@ -103,3 +103,58 @@ def test_every_line_with_an_lr_says_how_it_was_scaled(run: Path, tiny_shards: Pa
     result = invoke("train", "--data", str(tiny_shards), *args)
     steps = [line for line in result.stderr.splitlines() if " step " in line and " lr " in line]
     assert len(steps) == 3 and all("lr 2.000e-03 (--lr 0.002 as given, --no-lr-scaling)" in line for line in steps)
+
+
+def test_train_config_replays_a_run_with_the_flags_given_overriding(run: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    invoke("train", "--config", str(run / "config.json"), "--out", str(other), "--epochs", "2")
+    before, after = (json.loads((folder / "config.json").read_text()) for folder in (run, other))
+    assert after["out"] == str(other) and after["optim"]["epochs"] == 2
+    assert before["optim"]["epochs"] == 1 and after["runtime"]["device"] == "cpu"  # not the --device default
+    after["out"], after["optim"]["epochs"] = before["out"], before["optim"]["epochs"]
+    assert after == before
+    assert [
+        r["epoch"] for r in map(json.loads, (other / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"
+    ] == [1, 2]
+
+
+def test_every_train_option_is_mapped_to_its_config_keys() -> None:
+    from ssv2prep.cli.train import _NOT_CONFIG, _OPTION_KEYS
+    from ssv2prep.data.loader import DataConfig
+    from ssv2prep.models.tsm import ModelConfig
+    from ssv2prep.train.config import OptimConfig, RuntimeConfig, TrainConfig
+
+    names = {p.name for p in main.commands["train"].params}
+    assert set(_OPTION_KEYS) == names - _NOT_CONFIG
+    sections = {
+        "model": ModelConfig,
+        "data": DataConfig,
+        "optim": OptimConfig,
+        "runtime": RuntimeConfig,
+        "": TrainConfig,
+    }
+    for keys in _OPTION_KEYS.values():
+        for dotted in keys:
+            section, _, key = dotted.rpartition(".")
+            assert key in sections[section].__dataclass_fields__, dotted
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c["optim"].update(lr_typo=0.1), "unknown key 'optim.lr_typo'"),
+        (lambda c: c.update(extra=1), "unknown key 'extra'"),
+        (lambda c: c["data"].update(batch_size="8"), "data.batch_size = '8' is not of type int"),
+        (lambda c: c["model"].update(dropout=True), "model.dropout = True is not of type float"),
+        (lambda c: c.update(optim=3), "optim must be an object of OptimConfig keys"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_naming_the_file_and_key(run: Path, tmp_path: Path, change, message) -> None:
+    config = json.loads((run / "config.json").read_text())
+    change(config)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(main, ["train", "--config", str(path), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.stderr.strip().splitlines() == [f"error: {path}: {message}"]
+    assert not (tmp_path / "x").exists()

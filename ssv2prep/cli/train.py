@@ -119,7 +119,20 @@ def _is_main_process() -> bool:
 @click.option("--val", "val_spec", default=None, help="Validation shards: an index file/URL or a brace pattern.")
 @click.option("--train-index", default=None, help="Index for a --train pattern (needed for pipe: patterns).")
 @click.option("--val-index", default=None, help="Index for a --val pattern.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Run folder (required unless --config gives one).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Start from the options of a run's config.json (replay or vary a run); every flag given on the "
+    "command line overrides its key, the others keep the file's values (not the defaults shown here).",
+)
 @_model_options
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Clips per GPU (per process).")
 @click.option("--workers", type=int, default=None, help="Loader workers per process (default: from the machine).")
@@ -195,8 +208,9 @@ def train(**opts: Any) -> None:
       torchrun --nproc-per-node 8 -m ssv2prep train --data shards --out runs/r50 --weights imagenet
       ssv2prep train --train 'pipe:aws s3 cp s3://b/ssv2-train-{000000..000337}.tar -' \\
           --train-index s3-train.json --val shards/ssv2-validation.json --out runs/s3
+      ssv2prep train --config runs/r50/config.json --out runs/r50-lr02 --lr 0.02
     """
-    cfg = _train_config(opts)
+    cfg = _train_config(opts, click.get_current_context())
     from ssv2prep.train.run import fit
 
     json_log = _open_log_file(opts["log_file"])
@@ -222,12 +236,99 @@ def train(**opts: Any) -> None:
         )
 
 
-def _train_config(opts: dict[str, Any]) -> Any:
+# Every train option that is part of the config, and the config.json keys it sets: with --config, the options
+# given on the command line replace these keys of the file (--data also clears the file's index keys).
+_OPTION_KEYS: dict[str, tuple[str, ...]] = {
+    "data": ("train", "val", "train_index", "val_index"),
+    "train_spec": ("train",),
+    "val_spec": ("val",),
+    "train_index": ("train_index",),
+    "val_index": ("val_index",),
+    "out": ("out",),
+    "backbone": ("model.backbone",),
+    "weights": ("model.weights",),
+    "segments": ("model.num_segments", "data.num_segments"),
+    "shift_div": ("model.shift_div",),
+    "shift_mode": ("model.shift_mode",),
+    "shift_place": ("model.shift_place",),
+    "dropout": ("model.dropout",),
+    "partial_bn": ("model.partial_bn",),
+    "batch_size": ("data.batch_size",),
+    "workers": ("data.num_workers",),
+    "crop_size": ("data.crop_size",),
+    "scale_size": ("data.scale_size",),
+    "dense": ("data.dense",),
+    "flip": ("data.flip",),
+    "gpu_decode": ("data.gpu_decode",),
+    "cache_dir": ("data.cache_dir",),
+    "cache_size": ("data.cache_size_bytes",),
+    "cache_verify": ("data.cache_verify",),
+    "epochs": ("optim.epochs",),
+    "lr": ("optim.lr",),
+    "no_lr_scaling": ("optim.scale_lr",),
+    "lr_schedule": ("optim.lr_schedule",),
+    "lr_steps": ("optim.lr_steps",),
+    "warmup_epochs": ("optim.warmup_epochs",),
+    "wd": ("optim.weight_decay",),
+    "momentum": ("optim.momentum",),
+    "clip_grad": ("optim.clip_grad",),
+    "label_smoothing": ("optim.label_smoothing",),
+    "eval_every": ("runtime.eval_every",),
+    "log_every": ("runtime.log_every",),
+    "checkpoint_every": ("runtime.checkpoint_every",),
+    "seed": ("runtime.seed",),
+    "device": ("runtime.device",),
+    "amp": ("runtime.amp",),
+    "channels_last": ("runtime.channels_last",),
+    "use_compile": ("runtime.compile",),
+    "allow_changes": ("allow_changes",),
+    "dist_timeout": ("runtime.dist_timeout_s",),
+}
+_NOT_CONFIG = frozenset({"config_file", "log_file"})  # train options that are not part of a run's config
+
+
+def _train_config(opts: dict[str, Any], ctx: click.Context) -> Any:
+    """The TrainConfig of the options; with --config, the file's with the options given on the command line."""
+    from click.core import ParameterSource
+
+    from ssv2prep.errors import ConfigError
+
+    path = opts["config_file"]
+    if path is None:
+        if opts["out"] is None:
+            raise click.UsageError("Missing option '--out' (or give --config with a run's config.json).")
+        return _options_config(opts)
+    from ssv2prep.train.config import load_train_config, train_config_from_dict
+
+    saved = load_train_config(path)
+    given = [
+        name
+        for name in _OPTION_KEYS
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    ]
+    # --val alone (or nothing) with --config: keep the file's train shards instead of asking for --data/--train
+    sources = None if opts["data"] is not None or opts["train_spec"] else ("", opts["val_spec"])
+    flags = _options_config(opts, sources=sources, out=opts["out"] or Path()).to_dict()
+    for name in given:
+        for dotted in _OPTION_KEYS[name]:
+            section, _, key = dotted.rpartition(".")
+            (saved.setdefault(section, {}) if section else saved)[key] = (flags[section] if section else flags)[key]
+    cfg = train_config_from_dict(saved)
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (options from {path} and the command line)") from None
+    return cfg
+
+
+def _options_config(
+    opts: dict[str, Any], *, sources: tuple[str, str | None] | None = None, out: Path | None = None
+) -> Any:
     from ssv2prep.data.loader import DataConfig
     from ssv2prep.models.tsm import ModelConfig
     from ssv2prep.train.config import OptimConfig, RuntimeConfig, TrainConfig, default_num_workers
 
-    train_spec, val_spec = _train_sources(opts["data"], opts["train_spec"], opts["val_spec"])
+    train_spec, val_spec = sources or _train_sources(opts["data"], opts["train_spec"], opts["val_spec"])
     model = ModelConfig(
         backbone=opts["backbone"],
         num_segments=opts["segments"],
@@ -278,7 +379,7 @@ def _train_config(opts: dict[str, Any]) -> Any:
         val=val_spec,
         train_index=opts["train_index"],
         val_index=opts["val_index"],
-        out=opts["out"],
+        out=out if out is not None else opts["out"],
         model=model,
         data=data,
         optim=optim,
