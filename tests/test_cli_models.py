@@ -158,3 +158,23 @@ def test_a_bad_config_file_is_one_line_naming_the_file_and_key(run: Path, tmp_pa
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert result.stderr.strip().splitlines() == [f"error: {path}: {message}"]
     assert not (tmp_path / "x").exists()
+
+
+def test_the_quiet_start_says_what_it_is_doing(run: Path) -> None:
+    lines = (run.parent / "train.stderr").read_text().splitlines()
+
+    def first(text: str) -> int:
+        return next(i for i, line in enumerate(lines) if text in line)
+
+    order = [
+        first("INFO setting up: importing torch, reading the options ..."),
+        first("INFO setting up: the shard index, the model, the run folder ..."),
+        first("INFO training on cpu x 1"),
+        first("INFO first batch: starting 1 data worker per process, filling the shuffle buffer (64 clips) ..."),
+        first("INFO first step done "),
+        first("INFO epoch 1/1 step 1/3 "),
+    ]
+    assert order == sorted(order), lines
+    seconds = float(lines[order[4]].split("INFO first step done ")[1].split(" s after")[0])
+    assert 0 < seconds < 300
+    assert sum("first step done" in line for line in lines) == 1

@@ -210,8 +210,16 @@ def train(**opts: Any) -> None:
           --train-index s3-train.json --val shards/ssv2-validation.json --out runs/s3
       ssv2prep train --config runs/r50/config.json --out runs/r50-lr02 --lr 0.02
     """
-    cfg = _train_config(opts, click.get_current_context())
-    from ssv2prep.train.run import fit
+    import contextlib
+
+    main_process = _is_main_process()
+    log = logging.getLogger("ssv2prep.train")
+    spinner = main_process and console.is_terminal
+    if main_process and not spinner:
+        log.info("setting up: importing torch, reading the options ...")
+    with console.status("importing torch, reading the options") if spinner else contextlib.nullcontext():
+        cfg = _train_config(opts, click.get_current_context())
+        from ssv2prep.train.run import fit
 
     json_log = _open_log_file(opts["log_file"])
     try:
@@ -221,6 +229,8 @@ def train(**opts: Any) -> None:
             json=json_log,
             lr=cfg.optim.lr,
             scale_lr=cfg.optim.scale_lr,
+            workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
         )
         with progress:
             result = fit(cfg, on_event=progress.event)
@@ -425,7 +435,11 @@ class _TrainProgress:
     """Progress for `fit` events. On a terminal: one rich bar per epoch. Off one (batch jobs): one plain log line
     every `every_steps` steps or `every_s` seconds (epoch, step/steps, loss, lr, clips/s, data wait, ETA).
     Step lines also go to the `--log-file` handler (`json`), also when the bar shows them. Every line with an lr
-    says how it came from `--lr` (`lr`, per 64 clips when `scale_lr`) and the total batch."""
+    says how it came from `--lr` (`lr`, per 64 clips when `scale_lr`) and the total batch.
+
+    The quiet stretches between events (setting up the model and shards; loader workers starting and the shuffle
+    buffer filling before the first step; validation and the next epoch's workers) show as a pulsing bar that
+    says what is going on; off a terminal the set-up and the first batch get a log line each."""
 
     def __init__(
         self,
@@ -436,7 +450,12 @@ class _TrainProgress:
         json: logging.Handler | None = None,
         lr: float | None = None,
         scale_lr: bool = True,
+        workers: int = 0,
+        shuffle_buffer: int = 0,
     ) -> None:
+        self.workers, self.shuffle_buffer = workers, shuffle_buffer
+        self.waiting: Any = None  # the pulsing task of a quiet stretch (terminal only)
+        self.started_at: float | None = None  # the start event's time, until the first step
         self.enabled = enabled
         self.given_lr, self.scale_lr, self.base_lr = lr, scale_lr, 0.0
         self.bar = enabled and console.is_terminal
@@ -459,7 +478,23 @@ class _TrainProgress:
 
     def __enter__(self) -> _TrainProgress:
         self.progress.__enter__()
+        if self.enabled:
+            self._wait("setting up: the shard index, the model, the run folder", log=True)
         return self
+
+    def _wait(self, what: str, *, log: bool = False) -> None:
+        """Show `what` as the current quiet stretch: a pulsing bar on a terminal, a log line off it (`log`)."""
+        if self.bar:
+            if self.waiting is not None:
+                self.progress.remove_task(self.waiting)
+            self.waiting = self.progress.add_task(what, total=None, info="")
+        elif log:
+            self.log.info("%s ...", what)
+
+    def _done_waiting(self) -> None:
+        if self.waiting is not None:
+            self.progress.remove_task(self.waiting)
+            self.waiting = None
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
@@ -489,6 +524,13 @@ class _TrainProgress:
             d["epochs"],
             extra={"fields": {"event": "start", **d}},
         )
+        self.started_at = time.monotonic()
+        if self.workers:
+            plural = "s" if self.workers > 1 else ""
+            first = f"starting {self.workers} data worker{plural} per process"
+        else:
+            first = "decoding in this process (--workers 0)"
+        self._wait(f"first batch: {first}, filling the shuffle buffer ({self.shuffle_buffer} clips)", log=True)
 
     def lr_origin(self, lr: float) -> str:
         """How `lr` came about, e.g. '0.01 per 64 clips x 16/64' or '--lr 0.01 as given x 0.1 schedule'."""
@@ -501,6 +543,14 @@ class _TrainProgress:
         return f"--lr {self.given_lr:g} as given, --no-lr-scaling{schedule}"
 
     def _on_step(self, d: dict[str, Any]) -> None:
+        self._done_waiting()
+        if self.started_at is not None:
+            self.log.info(
+                "first step done %.1f s after the start (%.0f%% of that step waiting for data)",
+                time.monotonic() - self.started_at,
+                100 * d["data_wait"],
+            )
+            self.started_at = None
         if self.bar:
             if self.task is None:
                 self.task = self.progress.add_task(f"epoch {d['epoch'] + 1}", total=self.steps, info="")
@@ -533,6 +583,8 @@ class _TrainProgress:
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
+        if d["epoch"] < self.epochs:
+            self._wait(f"epoch {d['epoch']} done: validation (when due), then the next epoch's data workers")
         skipped = f", {int(d['skipped'])} corrupt samples skipped" if d.get("skipped") else ""
         self.log.info(
             "epoch %d: loss %.4f, train top-1 %.2f%%, %.0f%% of step time waiting for data%s",
