@@ -178,3 +178,18 @@ def test_the_quiet_start_says_what_it_is_doing(run: Path) -> None:
     seconds = float(lines[order[4]].split("INFO first step done ")[1].split(" s after")[0])
     assert 0 < seconds < 300
     assert sum("first step done" in line for line in lines) == 1
+
+
+def test_stage_progress_reads_how_far_a_train_log_is(run: Path, tmp_path: Path) -> None:
+    from ssv2prep.cli.run import stage_progress
+
+    log = tmp_path / "train@a.log"
+    assert stage_progress(log) == "starting"  # not written yet
+    lines = (run.parent / "train.stderr").read_text().splitlines(keepends=True)
+    step = next(i for i, line in enumerate(lines) if " INFO epoch 1/1 step 2/3 " in line)
+    log.write_text("".join(lines[: step + 1]))
+    assert stage_progress(log) == "epoch 1/1 step 2/3"
+    log.write_text("".join(lines))  # ends with the validation line
+    assert stage_progress(log) == "epoch 1 validated"
+    log.write_text("2026-12-01 10:00:00 INFO evaluating on cpu in fp32\n")
+    assert stage_progress(log) == "evaluating on cpu in fp32"
