@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -156,7 +157,8 @@ def test_a_bad_config_file_is_one_line_naming_the_file_and_key(run: Path, tmp_pa
     path.write_text(json.dumps(config))
     result = CliRunner().invoke(main, ["train", "--config", str(path), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-    assert result.stderr.strip().splitlines() == [f"error: {path}: {message}"]
+    problems = [line for line in result.stderr.strip().splitlines() if " INFO " not in line]
+    assert problems == [f"error: {path}: {message}"]
     assert not (tmp_path / "x").exists()
 
 
@@ -193,3 +195,38 @@ def test_stage_progress_reads_how_far_a_train_log_is(run: Path, tmp_path: Path) 
     assert stage_progress(log) == "epoch 1 validated"
     log.write_text("2026-12-01 10:00:00 INFO evaluating on cpu in fp32\n")
     assert stage_progress(log) == "evaluating on cpu in fp32"
+
+
+def test_option_defaults_are_the_config_defaults() -> None:
+    from ssv2prep.data.cache import parse_size
+    from ssv2prep.data.loader import DataConfig
+    from ssv2prep.models.tsm import ModelConfig
+    from ssv2prep.train.config import OptimConfig, RuntimeConfig
+    from ssv2prep.train.evaluation import EvalConfig
+
+    def defaults(command: str) -> dict[str, object]:
+        ctx = click.Context(main.commands[command])
+        return {p.name: p.get_default(ctx) for p in main.commands[command].params}
+
+    train, evaluate = defaults("train"), defaults("eval")
+    model, data, optim, runtime = ModelConfig(), DataConfig(), OptimConfig(), RuntimeConfig()
+    for name, field in {"segments": "num_segments", "backbone": "backbone", "shift_div": "shift_div"}.items():
+        assert train[name] == getattr(model, field), name
+    for name in ("shift_mode", "shift_place", "dropout", "partial_bn"):
+        assert train[name] == getattr(model, name), name
+    for name in ("batch_size", "crop_size", "scale_size", "dense", "flip", "gpu_decode", "cache_verify"):
+        assert train[name] == getattr(data, name), name
+    assert parse_size(train["cache_size"]) == data.cache_size_bytes
+    for name in ("epochs", "lr", "lr_schedule", "warmup_epochs", "momentum", "clip_grad", "label_smoothing"):
+        assert train[name] == getattr(optim, name), name
+    assert train["wd"] == optim.weight_decay and train["no_lr_scaling"] is (not optim.scale_lr)
+    assert tuple(float(e) for e in train["lr_steps"].split(",")) == optim.lr_steps
+    for name in ("eval_every", "log_every", "checkpoint_every", "seed", "device", "amp", "channels_last"):
+        assert train[name] == getattr(runtime, name), name
+    assert train["dist_timeout"] == runtime.dist_timeout_s and train["use_compile"] is runtime.compile
+    cfg = EvalConfig(checkpoint=Path("x.pt"), data="d", out=Path("o"))
+    for name in ("index", "segments", "dense", "full_res", "crop_size", "scale_size", "batch_size", "workers"):
+        assert evaluate[name] == getattr(cfg, name), name
+    assert evaluate["predictions"] == cfg.predictions and evaluate["device"] == cfg.device
+    assert ("auto" if evaluate["amp"] else "off") == cfg.amp and evaluate["cache_verify"] == cfg.cache_verify
+    assert [(int(evaluate["crops"]), int(evaluate["clips"]))] == list(cfg.settings)

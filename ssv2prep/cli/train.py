@@ -19,7 +19,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ssv2prep.cli.app import console, float_list, main, out, progress_bars
+from ssv2prep.cli.app import config_default, console, float_list, main, out, progress_bars
+from ssv2prep.train.config import OptimConfig, RuntimeConfig
+
+
+def _optim(name: str) -> Any:
+    return config_default(OptimConfig, name)
+
+
+def _runtime(name: str) -> Any:
+    return config_default(RuntimeConfig, name)
+
 
 # ---------------------------------------------------------------------------------------------------------- train
 
@@ -142,42 +152,57 @@ def _is_main_process() -> bool:
 @click.option("--flip", is_flag=True, help="Horizontal flip with the label swap of the index's flip_pairs.")
 @click.option("--gpu-decode", is_flag=True, help="Decode JPEGs on the GPU (nvjpeg via torchvision); CUDA only.")
 @_cache_options
-@click.option("--epochs", type=int, default=50, show_default=True)
+@click.option("--epochs", type=int, default=_optim("epochs"), show_default=True)
 @click.option(
     "--lr",
     type=float,
-    default=0.01,
+    default=_optim("lr"),
     show_default=True,
     help="Learning rate for a total batch of 64 clips, scaled linearly to the real total batch (ranks x "
     "--batch-size), as the official TSM recipe states it; --no-lr-scaling uses it as given.",
 )
 @click.option("--no-lr-scaling", is_flag=True, help="Use --lr as is instead of scaling it by total batch / 64.")
-@click.option("--lr-schedule", type=click.Choice(["step", "cosine"]), default="step", show_default=True)
-@click.option("--lr-steps", default="20,40", show_default=True, help="Epochs where the step schedule decays x0.1.")
-@click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
-@click.option("--wd", type=float, default=1e-4, show_default=True, help="Weight decay (not on BN and biases).")
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--clip-grad", type=float, default=20.0, show_default=True, help="Global grad-norm clip (0 = off).")
-@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
-@click.option("--eval-every", type=int, default=1, show_default=True, help="Evaluate every N epochs (and at the end).")
+@click.option("--lr-schedule", type=click.Choice(["step", "cosine"]), default=_optim("lr_schedule"), show_default=True)
+@click.option(
+    "--lr-steps",
+    default=",".join(f"{e:g}" for e in _optim("lr_steps")),
+    show_default=True,
+    help="Epochs where the step schedule decays x0.1.",
+)
+@click.option("--warmup-epochs", type=float, default=_optim("warmup_epochs"), show_default=True)
+@click.option(
+    "--wd", type=float, default=_optim("weight_decay"), show_default=True, help="Weight decay (not on BN and biases)."
+)
+@click.option("--momentum", type=float, default=_optim("momentum"), show_default=True)
+@click.option(
+    "--clip-grad", type=float, default=_optim("clip_grad"), show_default=True, help="Global grad-norm clip (0 = off)."
+)
+@click.option("--label-smoothing", type=float, default=_optim("label_smoothing"), show_default=True)
+@click.option(
+    "--eval-every",
+    type=int,
+    default=_runtime("eval_every"),
+    show_default=True,
+    help="Evaluate every N epochs (and at the end).",
+)
 @click.option(
     "--log-every",
     type=int,
-    default=10,
+    default=_runtime("log_every"),
     show_default=True,
     help="Steps between metrics.jsonl lines (and progress lines off a terminal, or every 60 s).",
 )
 @click.option(
     "--checkpoint-every",
     type=int,
-    default=0,
+    default=_runtime("checkpoint_every"),
     show_default=True,
     help="Also save last.pt every N steps inside an epoch, so a killed run (a spot instance) resumes mid-epoch "
     "and loses at most N steps (0: only at the end of each epoch).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=_runtime("seed"), show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_runtime("device"), show_default=True)
+@click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default=_runtime("amp"), show_default=True)
 @click.option("--channels-last/--no-channels-last", default=None, help="Default: on for CUDA.")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
 @click.option(
@@ -189,7 +214,7 @@ def _is_main_process() -> bool:
 @click.option(
     "--dist-timeout",
     type=float,
-    default=900.0,
+    default=_runtime("dist_timeout_s"),
     show_default=True,
     help="Seconds a rank waits for the others before the job fails (a rank died or hangs).",
 )
@@ -767,29 +792,7 @@ def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, in
     help="Autocast on CUDA (bf16 where supported, else fp16). Default: fp32, the official test's arithmetic.",
 )
 @_cache_options
-def eval_cmd(
-    checkpoint: Path,
-    data_spec: str,
-    split: str,
-    index: str | None,
-    segments: int | None,
-    crops: str,
-    clips: str,
-    grid: str | None,
-    dense: bool,
-    full_res: bool,
-    crop_size: int | None,
-    scale_size: int | None,
-    batch_size: int,
-    workers: int,
-    out_dir: Path | None,
-    predictions: Path | None,
-    device: str,
-    amp: bool,
-    cache_dir: Path | None,
-    cache_size: str,
-    cache_verify: str,
-) -> None:
+def eval_cmd(**opts: Any) -> None:
     """Evaluate a checkpoint on a held-out split: top-1/top-5, per-class, confusion, seconds per video.
 
     On a split without labels (the SSv2 test split) it writes the predictions only (to --predictions, else
@@ -802,37 +805,9 @@ def eval_cmd(
       ssv2prep eval --checkpoint runs/r50/best.pt --data shards --grid 'crops=1,3,5,10;clips=1,2'
       torchrun --nproc-per-node 4 -m ssv2prep eval --checkpoint runs/r50/best.pt --data shards
     """
-    from ssv2prep.errors import ConfigError
-    from ssv2prep.train.evaluation import EvalConfig, evaluate_checkpoint, predictions_file
+    from ssv2prep.train.evaluation import evaluate_checkpoint, predictions_file
 
-    if not _SPLIT_RE.fullmatch(split):  # it names files and the default --out folder: keep it a plain name
-        raise ConfigError(f"--split {split!r}: not a split name (letters, digits, '-' and '_' only)")
-    spec = data_spec
-    if Path(data_spec).is_dir():
-        spec = str(Path(data_spec) / f"ssv2-{split}.json")
-    elif click.get_current_context().get_parameter_source("split") is click.core.ParameterSource.DEFAULT:
-        named = _INDEX_SPLIT_RE.fullmatch(data_spec.rstrip("/").rsplit("/", 1)[-1])
-        split = named.group(1) if named else split  # an ssv2-test.json given as --data: its reports are test's
-    if out_dir is None:
-        out_dir = _default_eval_out(checkpoint, split, spec)
-    cfg = EvalConfig(
-        checkpoint=checkpoint,
-        data=spec,
-        index=index,
-        settings=_parse_grid(grid, int(crops), int(clips)),
-        segments=segments,
-        dense=dense,
-        full_res=full_res,
-        crop_size=crop_size,
-        scale_size=scale_size,
-        batch_size=batch_size,
-        workers=workers,
-        out=out_dir,
-        predictions=predictions,
-        device=device,
-        amp="auto" if amp else "off",
-        **_cache_fields(cache_dir, cache_size, cache_verify),
-    )
+    cfg = _eval_config(opts, click.get_current_context())
     with progress_bars() as progress:
         task = progress.add_task("evaluating", total=None, rate="")
         rows = evaluate_checkpoint(cfg, on_batch=lambda n: progress.advance(task, n))
@@ -856,6 +831,35 @@ def eval_cmd(
         which = f" of the first setting, {first['crops']} crops x {first['clips']} clips," if len(rows) > 1 else ""
         out.print(f"predictions{which} in {written}", markup=False)
     out.print(f"reports in {cfg.out}", markup=False)
+
+
+def _eval_config(opts: dict[str, Any], ctx: click.Context) -> Any:
+    """The EvalConfig of `eval`'s options: options named as its fields pass through; the rest are resolved here
+    (the data folder's index, the default report folder, the grid, --amp, the cache)."""
+    from click.core import ParameterSource
+
+    from ssv2prep.errors import ConfigError
+    from ssv2prep.train.evaluation import EvalConfig
+
+    split, data_spec, checkpoint = opts["split"], opts["data_spec"], opts["checkpoint"]
+    if not _SPLIT_RE.fullmatch(split):  # it names files and the default --out folder: keep it a plain name
+        raise ConfigError(f"--split {split!r}: not a split name (letters, digits, '-' and '_' only)")
+    spec = data_spec
+    if Path(data_spec).is_dir():
+        spec = str(Path(data_spec) / f"ssv2-{split}.json")
+    elif ctx.get_parameter_source("split") is ParameterSource.DEFAULT:
+        named = _INDEX_SPLIT_RE.fullmatch(data_spec.rstrip("/").rsplit("/", 1)[-1])
+        split = named.group(1) if named else split  # an ssv2-test.json given as --data: its reports are test's
+    same = ("checkpoint", "index", "segments", "dense", "full_res", "crop_size", "scale_size", "batch_size")
+    same += ("workers", "predictions", "device")
+    return EvalConfig(
+        **{name: opts[name] for name in same},
+        data=spec,
+        settings=_parse_grid(opts["grid"], int(opts["crops"]), int(opts["clips"])),
+        out=opts["out_dir"] if opts["out_dir"] is not None else _default_eval_out(checkpoint, split, spec),
+        amp="auto" if opts["amp"] else "off",
+        **_cache_fields(opts["cache_dir"], opts["cache_size"], opts["cache_verify"]),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------- export
