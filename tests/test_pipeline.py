@@ -319,6 +319,7 @@ def test_a_parallel_sweep_says_what_each_variant_does_and_where_its_log_is(tmp_p
         )
     assert any(x.startswith("stage verify-again@b: failed after ") for x in lines)
     assert not any(x.startswith("stage verify@b: running") for x in lines)
+    assert "stage verify@b: not run (an earlier stage of its chain failed, or the run stopped)" in lines
     assert "not a folder" in (logs / "verify-again@b.log").read_text()
     again = CliRunner().invoke(main, ["run", str(path), "--only", "synth"])
     assert "stage synth: running again (--from/--only)" in again.stderr

@@ -154,6 +154,10 @@ class _StageDisplay:
         self.stop.set()
         self.poller.join()
         with self.lock:
+            for key, row in self.rows.items():
+                if row["state"] == "queued":
+                    row["state"] = "not run"
+                    self.log.info("stage %s: not run (an earlier stage of its chain failed, or the run stopped)", key)
             self._close_rows()
 
     def on_stage(self, stage: Any, status: str) -> None:
