@@ -69,6 +69,11 @@ def run_cmd(
     PIPELINE is a pipeline file, or the name of a shipped one (the repository's pipelines/ folder, also in the
     installed package): demo, ssv2-tsm-r50-8f, ...; an unknown name lists them all.
 
+    Each stage is logged as running, done (with its time), failed or skipped (done before with the same command).
+    In a parallel sweep ([sweep] parallel = N) every variant's stages are listed as queued / running / done /
+    failed / not run, with how far a running one is (epoch and step, from the tail of its log) and its log file:
+    live rows on a terminal, a line per running stage every minute off one.
+
     \b
     Examples:
       ssv2prep run ssv2-tsm-r50-8f --set download.base_url=https://example.org/ssv2
