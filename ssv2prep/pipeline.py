@@ -237,6 +237,11 @@ def _record_path(pipeline: Pipeline, stage: Stage) -> Path:
     return pipeline.work_dir / RECORD_DIR / pipeline.name / f"{stage.key}.json"
 
 
+def stage_log(pipeline: Pipeline, stage: Stage) -> Path:
+    """Where a stage of a parallel sweep writes its output (the others write to the terminal)."""
+    return _record_path(pipeline, stage).with_suffix(".log")
+
+
 def stage_status(pipeline: Pipeline, stage: Stage) -> str:
     """`done` (recorded with this exact command), `changed` (recorded with another) or `pending`."""
     path = _record_path(pipeline, stage)
@@ -332,7 +337,7 @@ def run_stage(pipeline: Pipeline, stage: Stage, *, threads: int | None = None) -
     env, log_path = None, None
     if threads is not None:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
-        log_path = _record_path(pipeline, stage).with_suffix(".log")
+        log_path = stage_log(pipeline, stage)
         log_path.parent.mkdir(parents=True, exist_ok=True)
     started, start_unix = time.strftime("%Y-%m-%dT%H:%M:%S"), time.time()
     start = time.perf_counter()
@@ -389,6 +394,7 @@ def run_pipeline(
     only: str | None = None,
     force: bool | None = None,
     on_stage: Callable[[Stage, str], None] | None = None,
+    on_state: Callable[[Stage, str, Path | None], None] | None = None,
 ) -> list[tuple[Stage, str]]:
     """Run the selected stages, skipping those recorded as done unless forced.
 
@@ -396,6 +402,11 @@ def run_pipeline(
     Returns (stage, what happened: "skipped" or "ran") per stage, in plan order; `on_stage(stage, status)` is
     called before each. Sweep variants run `pipeline.parallel` at a time; when a chain fails the others finish
     their current chain and the first failure is raised.
+
+    `on_state(stage, state, log)` follows each stage through "queued" (every stage of a group of parallel chains,
+    before the group starts), "running", then "done", "failed" or "skipped" (recorded as done); `log` is the
+    stage's log file in a parallel sweep, else None (its output goes to the terminal). It is called from the
+    chains' threads.
     """
     forced = force if force is not None else (from_stage is not None or only is not None)
     selected = select_stages(pipeline, from_stage=from_stage, only=only)
@@ -404,6 +415,10 @@ def run_pipeline(
 
     threads = max(1, cpu_count() // pipeline.parallel) if pipeline.parallel > 1 else None
 
+    def state(stage: Stage, what: str, threads: int | None) -> None:
+        if on_state:
+            on_state(stage, what, stage_log(pipeline, stage) if threads is not None else None)
+
     def run_chain(chain: list[Stage], threads: int | None) -> None:
         for stage in chain:
             status = stage_status(pipeline, stage)
@@ -411,9 +426,16 @@ def run_pipeline(
                 on_stage(stage, status)
             if status == "done" and not forced:
                 outcome[stage.key] = "skipped"
+                state(stage, "skipped", threads)
                 continue
-            run_stage(pipeline, stage, threads=threads)
+            state(stage, "running", threads)
+            try:
+                run_stage(pipeline, stage, threads=threads)
+            except BaseException:
+                state(stage, "failed", threads)
+                raise
             outcome[stage.key] = "ran"
+            state(stage, "done", threads)
 
     _STOPPING.clear()
     try:
@@ -421,6 +443,9 @@ def run_pipeline(
             if len(chains) == 1:
                 run_chain(chains[0], threads if chains[0][0].variant is not None else None)
                 continue
+            for chain in chains:
+                for stage in chain:
+                    state(stage, "queued", threads)
             with ThreadPoolExecutor(max_workers=pipeline.parallel) as pool:
                 futures = [pool.submit(run_chain, chain, threads) for chain in chains]
             errors = [f.exception() for f in futures if f.exception() is not None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -291,3 +292,34 @@ def test_a_stopped_run_stops_its_running_stage(tmp_path: Path, sig: int, to_grou
     assert stage_status(pipeline, pipeline.stages[1]) == "pending"  # not recorded as done
     done = {p.name.removesuffix(".json") for p in work_records.glob("ssv2-*.tar.json")}
     assert 2 <= len(done) < 48 and done == {p.name for p in (tmp_path / "work/shards").glob("ssv2-*.tar")}
+
+
+def test_a_parallel_sweep_says_what_each_variant_does_and_where_its_log_is(tmp_path: Path) -> None:
+    path = write_pipeline(tmp_path)
+    text = path.read_text().replace(
+        "[stages.verify]", '[stages.verify-again]\ncommand = "verify"\nargs = ["{run}"]\n\n[stages.verify]'
+    )
+    # {run} of variant a is the shard folder; b's does not exist: its first stage fails, its second never runs
+    (tmp_path / "work" / "tiny").mkdir(parents=True)
+    (tmp_path / "work" / "tiny" / "a").symlink_to(tmp_path / "work" / "shards")
+    text += '\n[sweep]\nstages = ["verify", "verify-again"]\nparallel = 2\nvariants = [{name = "a"}, {name = "b"}]\n'
+    path.write_text(text)
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 1
+    logs = tmp_path / "work" / ".pipeline" / "tiny"
+    lines = [line.split(" INFO ", 1)[1] for line in result.stderr.splitlines() if " INFO stage " in line]
+    assert "stage synth: running" in lines and "pending" not in result.stderr
+    for key in ("verify-again@a", "verify@a", "verify-again@b", "verify@b"):
+        assert f"stage {key}: queued (log: {logs / key}.log)" in lines, lines
+    for key in ("verify-again@a", "verify@a"):
+        assert f"stage {key}: running (log: {logs / key}.log)" in lines
+        assert any(
+            re.fullmatch(rf"stage {key}: done after 0:\d\d \(log: {re.escape(str(logs / key))}\.log\)", x)
+            for x in lines
+        )
+    assert any(x.startswith("stage verify-again@b: failed after ") for x in lines)
+    assert not any(x.startswith("stage verify@b: running") for x in lines)
+    assert "stage verify@b: not run (an earlier stage of its chain failed, or the run stopped)" in lines
+    assert "not a folder" in (logs / "verify-again@b.log").read_text()
+    again = CliRunner().invoke(main, ["run", str(path), "--only", "synth"])
+    assert "stage synth: running again (--from/--only)" in again.stderr

@@ -131,7 +131,12 @@ def progress_bars(*, transfer: bool = False) -> Iterator[Progress]:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="ssv2prep")
 @click.option("-v", "--verbose", count=True, help="More log output (-v: debug).")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option(
+    "-q",
+    "--quiet",
+    is_flag=True,
+    help="Only warnings and errors (on stderr); no results or tables on stdout. Files are still written.",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks for known errors too.")
 @click.option(
     "--malloc",
@@ -172,6 +177,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool, malloc: str
     if ctx.invoked_subcommand in SIGTERM_COMMANDS and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_terminated)
     _setup_logging(verbose, quiet)
+    out.quiet = quiet  # set on every call: tests invoke several commands in one process
     in_effect = configure_malloc(malloc)
     if in_effect != malloc:  # not glibc, or `kept` was applied earlier in this process
         logging.getLogger("ssv2prep").debug("--malloc %s asked for; the process runs with %s", malloc, in_effect)

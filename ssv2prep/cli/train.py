@@ -19,7 +19,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from ssv2prep.cli.app import console, float_list, main, out, progress_bars
+from ssv2prep.cli.app import config_default, console, float_list, main, out, progress_bars
+from ssv2prep.train.config import OptimConfig, RuntimeConfig
+
+
+def _optim(name: str) -> Any:
+    return config_default(OptimConfig, name)
+
+
+def _runtime(name: str) -> Any:
+    return config_default(RuntimeConfig, name)
+
 
 # ---------------------------------------------------------------------------------------------------------- train
 
@@ -119,7 +129,20 @@ def _is_main_process() -> bool:
 @click.option("--val", "val_spec", default=None, help="Validation shards: an index file/URL or a brace pattern.")
 @click.option("--train-index", default=None, help="Index for a --train pattern (needed for pipe: patterns).")
 @click.option("--val-index", default=None, help="Index for a --val pattern.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Run folder (required unless --config gives one).",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Start from the options of a run's config.json (replay or vary a run); every flag given on the "
+    "command line overrides its key, the others keep the file's values (not the defaults shown here).",
+)
 @_model_options
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Clips per GPU (per process).")
 @click.option("--workers", type=int, default=None, help="Loader workers per process (default: from the machine).")
@@ -129,42 +152,57 @@ def _is_main_process() -> bool:
 @click.option("--flip", is_flag=True, help="Horizontal flip with the label swap of the index's flip_pairs.")
 @click.option("--gpu-decode", is_flag=True, help="Decode JPEGs on the GPU (nvjpeg via torchvision); CUDA only.")
 @_cache_options
-@click.option("--epochs", type=int, default=50, show_default=True)
+@click.option("--epochs", type=int, default=_optim("epochs"), show_default=True)
 @click.option(
     "--lr",
     type=float,
-    default=0.01,
+    default=_optim("lr"),
     show_default=True,
     help="Learning rate for a total batch of 64 clips, scaled linearly to the real total batch (ranks x "
     "--batch-size), as the official TSM recipe states it; --no-lr-scaling uses it as given.",
 )
 @click.option("--no-lr-scaling", is_flag=True, help="Use --lr as is instead of scaling it by total batch / 64.")
-@click.option("--lr-schedule", type=click.Choice(["step", "cosine"]), default="step", show_default=True)
-@click.option("--lr-steps", default="20,40", show_default=True, help="Epochs where the step schedule decays x0.1.")
-@click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
-@click.option("--wd", type=float, default=1e-4, show_default=True, help="Weight decay (not on BN and biases).")
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--clip-grad", type=float, default=20.0, show_default=True, help="Global grad-norm clip (0 = off).")
-@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
-@click.option("--eval-every", type=int, default=1, show_default=True, help="Evaluate every N epochs (and at the end).")
+@click.option("--lr-schedule", type=click.Choice(["step", "cosine"]), default=_optim("lr_schedule"), show_default=True)
+@click.option(
+    "--lr-steps",
+    default=",".join(f"{e:g}" for e in _optim("lr_steps")),
+    show_default=True,
+    help="Epochs where the step schedule decays x0.1.",
+)
+@click.option("--warmup-epochs", type=float, default=_optim("warmup_epochs"), show_default=True)
+@click.option(
+    "--wd", type=float, default=_optim("weight_decay"), show_default=True, help="Weight decay (not on BN and biases)."
+)
+@click.option("--momentum", type=float, default=_optim("momentum"), show_default=True)
+@click.option(
+    "--clip-grad", type=float, default=_optim("clip_grad"), show_default=True, help="Global grad-norm clip (0 = off)."
+)
+@click.option("--label-smoothing", type=float, default=_optim("label_smoothing"), show_default=True)
+@click.option(
+    "--eval-every",
+    type=int,
+    default=_runtime("eval_every"),
+    show_default=True,
+    help="Evaluate every N epochs (and at the end).",
+)
 @click.option(
     "--log-every",
     type=int,
-    default=10,
+    default=_runtime("log_every"),
     show_default=True,
     help="Steps between metrics.jsonl lines (and progress lines off a terminal, or every 60 s).",
 )
 @click.option(
     "--checkpoint-every",
     type=int,
-    default=0,
+    default=_runtime("checkpoint_every"),
     show_default=True,
     help="Also save last.pt every N steps inside an epoch, so a killed run (a spot instance) resumes mid-epoch "
     "and loses at most N steps (0: only at the end of each epoch).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--seed", type=int, default=_runtime("seed"), show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_runtime("device"), show_default=True)
+@click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default=_runtime("amp"), show_default=True)
 @click.option("--channels-last/--no-channels-last", default=None, help="Default: on for CUDA.")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
 @click.option(
@@ -176,7 +214,7 @@ def _is_main_process() -> bool:
 @click.option(
     "--dist-timeout",
     type=float,
-    default=900.0,
+    default=_runtime("dist_timeout_s"),
     show_default=True,
     help="Seconds a rank waits for the others before the job fails (a rank died or hangs).",
 )
@@ -195,13 +233,31 @@ def train(**opts: Any) -> None:
       torchrun --nproc-per-node 8 -m ssv2prep train --data shards --out runs/r50 --weights imagenet
       ssv2prep train --train 'pipe:aws s3 cp s3://b/ssv2-train-{000000..000337}.tar -' \\
           --train-index s3-train.json --val shards/ssv2-validation.json --out runs/s3
+      ssv2prep train --config runs/r50/config.json --out runs/r50-lr02 --lr 0.02
     """
-    cfg = _train_config(opts)
-    from ssv2prep.train.run import fit
+    import contextlib
+
+    main_process = _is_main_process()
+    log = logging.getLogger("ssv2prep.train")
+    spinner = main_process and console.is_terminal
+    if main_process and not spinner:
+        log.info("setting up: importing torch, reading the options ...")
+    with console.status("importing torch, reading the options") if spinner else contextlib.nullcontext():
+        cfg = _train_config(opts, click.get_current_context())
+        from ssv2prep.train.run import fit
 
     json_log = _open_log_file(opts["log_file"])
     try:
-        with _TrainProgress(enabled=_is_main_process(), every_steps=cfg.runtime.log_every, json=json_log) as progress:
+        progress = _TrainProgress(
+            enabled=_is_main_process(),
+            every_steps=cfg.runtime.log_every,
+            json=json_log,
+            lr=cfg.optim.lr,
+            scale_lr=cfg.optim.scale_lr,
+            workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+        )
+        with progress:
             result = fit(cfg, on_event=progress.event)
     finally:
         if json_log is not None:
@@ -215,12 +271,99 @@ def train(**opts: Any) -> None:
         )
 
 
-def _train_config(opts: dict[str, Any]) -> Any:
+# Every train option that is part of the config, and the config.json keys it sets: with --config, the options
+# given on the command line replace these keys of the file (--data also clears the file's index keys).
+_OPTION_KEYS: dict[str, tuple[str, ...]] = {
+    "data": ("train", "val", "train_index", "val_index"),
+    "train_spec": ("train",),
+    "val_spec": ("val",),
+    "train_index": ("train_index",),
+    "val_index": ("val_index",),
+    "out": ("out",),
+    "backbone": ("model.backbone",),
+    "weights": ("model.weights",),
+    "segments": ("model.num_segments", "data.num_segments"),
+    "shift_div": ("model.shift_div",),
+    "shift_mode": ("model.shift_mode",),
+    "shift_place": ("model.shift_place",),
+    "dropout": ("model.dropout",),
+    "partial_bn": ("model.partial_bn",),
+    "batch_size": ("data.batch_size",),
+    "workers": ("data.num_workers",),
+    "crop_size": ("data.crop_size",),
+    "scale_size": ("data.scale_size",),
+    "dense": ("data.dense",),
+    "flip": ("data.flip",),
+    "gpu_decode": ("data.gpu_decode",),
+    "cache_dir": ("data.cache_dir",),
+    "cache_size": ("data.cache_size_bytes",),
+    "cache_verify": ("data.cache_verify",),
+    "epochs": ("optim.epochs",),
+    "lr": ("optim.lr",),
+    "no_lr_scaling": ("optim.scale_lr",),
+    "lr_schedule": ("optim.lr_schedule",),
+    "lr_steps": ("optim.lr_steps",),
+    "warmup_epochs": ("optim.warmup_epochs",),
+    "wd": ("optim.weight_decay",),
+    "momentum": ("optim.momentum",),
+    "clip_grad": ("optim.clip_grad",),
+    "label_smoothing": ("optim.label_smoothing",),
+    "eval_every": ("runtime.eval_every",),
+    "log_every": ("runtime.log_every",),
+    "checkpoint_every": ("runtime.checkpoint_every",),
+    "seed": ("runtime.seed",),
+    "device": ("runtime.device",),
+    "amp": ("runtime.amp",),
+    "channels_last": ("runtime.channels_last",),
+    "use_compile": ("runtime.compile",),
+    "allow_changes": ("allow_changes",),
+    "dist_timeout": ("runtime.dist_timeout_s",),
+}
+_NOT_CONFIG = frozenset({"config_file", "log_file"})  # train options that are not part of a run's config
+
+
+def _train_config(opts: dict[str, Any], ctx: click.Context) -> Any:
+    """The TrainConfig of the options; with --config, the file's with the options given on the command line."""
+    from click.core import ParameterSource
+
+    from ssv2prep.errors import ConfigError
+
+    path = opts["config_file"]
+    if path is None:
+        if opts["out"] is None:
+            raise click.UsageError("Missing option '--out' (or give --config with a run's config.json).")
+        return _options_config(opts)
+    from ssv2prep.train.config import load_train_config, train_config_from_dict
+
+    saved = load_train_config(path)
+    given = [
+        name
+        for name in _OPTION_KEYS
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    ]
+    # --val alone (or nothing) with --config: keep the file's train shards instead of asking for --data/--train
+    sources = None if opts["data"] is not None or opts["train_spec"] else ("", opts["val_spec"])
+    flags = _options_config(opts, sources=sources, out=opts["out"] or Path()).to_dict()
+    for name in given:
+        for dotted in _OPTION_KEYS[name]:
+            section, _, key = dotted.rpartition(".")
+            (saved.setdefault(section, {}) if section else saved)[key] = (flags[section] if section else flags)[key]
+    cfg = train_config_from_dict(saved)
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (options from {path} and the command line)") from None
+    return cfg
+
+
+def _options_config(
+    opts: dict[str, Any], *, sources: tuple[str, str | None] | None = None, out: Path | None = None
+) -> Any:
     from ssv2prep.data.loader import DataConfig
     from ssv2prep.models.tsm import ModelConfig
     from ssv2prep.train.config import OptimConfig, RuntimeConfig, TrainConfig, default_num_workers
 
-    train_spec, val_spec = _train_sources(opts["data"], opts["train_spec"], opts["val_spec"])
+    train_spec, val_spec = sources or _train_sources(opts["data"], opts["train_spec"], opts["val_spec"])
     model = ModelConfig(
         backbone=opts["backbone"],
         num_segments=opts["segments"],
@@ -271,7 +414,7 @@ def _train_config(opts: dict[str, Any]) -> Any:
         val=val_spec,
         train_index=opts["train_index"],
         val_index=opts["val_index"],
-        out=opts["out"],
+        out=out if out is not None else opts["out"],
         model=model,
         data=data,
         optim=optim,
@@ -316,12 +459,30 @@ def _open_log_file(path: Path | None) -> logging.Handler | None:
 class _TrainProgress:
     """Progress for `fit` events. On a terminal: one rich bar per epoch. Off one (batch jobs): one plain log line
     every `every_steps` steps or `every_s` seconds (epoch, step/steps, loss, lr, clips/s, data wait, ETA).
-    Step lines also go to the `--log-file` handler (`json`), also when the bar shows them."""
+    Step lines also go to the `--log-file` handler (`json`), also when the bar shows them. Every line with an lr
+    says how it came from `--lr` (`lr`, per 64 clips when `scale_lr`) and the total batch.
+
+    The quiet stretches between events (setting up the model and shards; loader workers starting and the shuffle
+    buffer filling before the first step; validation and the next epoch's workers) show as a pulsing bar that
+    says what is going on; off a terminal the set-up and the first batch get a log line each."""
 
     def __init__(
-        self, *, enabled: bool, every_steps: int = 10, every_s: float = 60.0, json: logging.Handler | None = None
+        self,
+        *,
+        enabled: bool,
+        every_steps: int = 10,
+        every_s: float = 60.0,
+        json: logging.Handler | None = None,
+        lr: float | None = None,
+        scale_lr: bool = True,
+        workers: int = 0,
+        shuffle_buffer: int = 0,
     ) -> None:
+        self.workers, self.shuffle_buffer = workers, shuffle_buffer
+        self.waiting: Any = None  # the pulsing task of a quiet stretch (terminal only)
+        self.started_at: float | None = None  # the start event's time, until the first step
         self.enabled = enabled
+        self.given_lr, self.scale_lr, self.base_lr = lr, scale_lr, 0.0
         self.bar = enabled and console.is_terminal
         self.every_steps, self.every_s, self.json = every_steps, every_s, json
         self.progress = Progress(
@@ -342,7 +503,23 @@ class _TrainProgress:
 
     def __enter__(self) -> _TrainProgress:
         self.progress.__enter__()
+        if self.enabled:
+            self._wait("setting up: the shard index, the model, the run folder", log=True)
         return self
+
+    def _wait(self, what: str, *, log: bool = False) -> None:
+        """Show `what` as the current quiet stretch: a pulsing bar on a terminal, a log line off it (`log`)."""
+        if self.bar:
+            if self.waiting is not None:
+                self.progress.remove_task(self.waiting)
+            self.waiting = self.progress.add_task(what, total=None, info="")
+        elif log:
+            self.log.info("%s ...", what)
+
+    def _done_waiting(self) -> None:
+        if self.waiting is not None:
+            self.progress.remove_task(self.waiting)
+            self.waiting = None
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.__exit__(*exc)
@@ -355,9 +532,10 @@ class _TrainProgress:
     def _on_start(self, d: dict[str, Any]) -> None:
         self.steps, self.epochs = d["steps_per_epoch"], d["epochs"]
         self.clips_per_step = d["batch_size"] * d["world_size"]
+        self.base_lr = d["base_lr"]
         self.window.reset()
         self.log.info(
-            "training on %s x %d (amp %s): %d clips per process, %d in total, base lr %.5f, "
+            "training on %s x %d (amp %s): %d clips per process, %d in total, base lr %.5g (%s), "
             "%d steps per epoch, epochs %d..%d",
             d["device"],
             d["world_size"],
@@ -365,13 +543,39 @@ class _TrainProgress:
             d["batch_size"],
             d["batch_size"] * d["world_size"],
             d["base_lr"],
+            self.lr_origin(d["base_lr"]),
             self.steps,
             d["start_epoch"] + 1,
             d["epochs"],
             extra={"fields": {"event": "start", **d}},
         )
+        self.started_at = time.monotonic()
+        if self.workers:
+            plural = "s" if self.workers > 1 else ""
+            first = f"starting {self.workers} data worker{plural} per process"
+        else:
+            first = "decoding in this process (--workers 0)"
+        self._wait(f"first batch: {first}, filling the shuffle buffer ({self.shuffle_buffer} clips)", log=True)
+
+    def lr_origin(self, lr: float) -> str:
+        """How `lr` came about, e.g. '0.01 per 64 clips x 16/64' or '--lr 0.01 as given x 0.1 schedule'."""
+        if self.given_lr is None:
+            return "--lr unknown"
+        factor = lr / self.base_lr if self.base_lr else 1.0
+        schedule = "" if abs(factor - 1) < 1e-6 else f" x {factor:.3g} schedule"
+        if self.scale_lr:
+            return f"{self.given_lr:g} per 64 clips x {self.clips_per_step}/64{schedule}"
+        return f"--lr {self.given_lr:g} as given, --no-lr-scaling{schedule}"
 
     def _on_step(self, d: dict[str, Any]) -> None:
+        self._done_waiting()
+        if self.started_at is not None:
+            self.log.info(
+                "first step done %.1f s after the start (%.0f%% of that step waiting for data)",
+                time.monotonic() - self.started_at,
+                100 * d["data_wait"],
+            )
+            self.started_at = None
         if self.bar:
             if self.task is None:
                 self.task = self.progress.add_task(f"epoch {d['epoch'] + 1}", total=self.steps, info="")
@@ -389,7 +593,8 @@ class _TrainProgress:
         )
         text = (
             f"epoch {fields['epoch']}/{self.epochs} step {done}/{self.steps} loss {fields['loss']:.4f} "
-            f"lr {fields['lr']:.3e} {fields['clips_per_s']:.1f} clips/s data {fields['data_wait_pct']:.0f}% "
+            f"lr {fields['lr']:.3e} ({self.lr_origin(fields['lr'])}) "
+            f"{fields['clips_per_s']:.1f} clips/s data {fields['data_wait_pct']:.0f}% "
             f"eta {_hms(fields['eta_epoch_s'])} (run {_hms(fields['eta_run_s'])})"
         )
         if not self.bar:
@@ -403,6 +608,8 @@ class _TrainProgress:
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task = None
+        if d["epoch"] < self.epochs:
+            self._wait(f"epoch {d['epoch']} done: validation (when due), then the next epoch's data workers")
         skipped = f", {int(d['skipped'])} corrupt samples skipped" if d.get("skipped") else ""
         self.log.info(
             "epoch %d: loss %.4f, train top-1 %.2f%%, %.0f%% of step time waiting for data%s",
@@ -477,6 +684,44 @@ def _hms(seconds: float) -> str:
 _SPLIT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
+_INDEX_SPLIT_RE = re.compile(r"ssv2-([A-Za-z0-9][A-Za-z0-9_-]*)\.json")
+
+
+def _default_eval_out(checkpoint: Path, split: str, data: str) -> Path:
+    """The default report folder: `eval-<split>` beside the checkpoint, unless it holds something else than an
+    earlier eval of this checkpoint on this data; then the first `eval-<split>-N` (N = 2, 3, ...) that is free or
+    holds exactly that. A folder without a readable report.json but with files in it is never reused."""
+    import itertools
+    import json
+
+    base = checkpoint.parent / f"eval-{split}"
+    for n in itertools.count(1):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+            break
+        try:
+            report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+            same = _same_place(report["checkpoint"], str(checkpoint)) and _same_place(report["data"], data)
+        except (OSError, ValueError, KeyError, TypeError):
+            same = False
+        if same:
+            break
+    if n > 1:
+        logging.getLogger("ssv2prep.eval").info(
+            "%s holds the reports of another checkpoint or other data: this eval's go to %s (--out chooses)",
+            base,
+            folder,
+        )
+    return folder
+
+
+def _same_place(recorded: str, given: str) -> bool:
+    """Whether two data/checkpoint names mean the same thing: the same file for local paths, else equal text."""
+    if "://" in recorded or "://" in given or recorded.startswith("pipe:") or given.startswith("pipe:"):
+        return recorded == given
+    return Path(recorded).resolve() == Path(given).resolve()
+
+
 def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, int], ...]:
     """`crops=1,3;clips=1,2` -> every combination; no grid -> ((crops, clips),)."""
     if not grid:
@@ -528,13 +773,17 @@ def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, in
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Report folder (default: eval-<split> beside the checkpoint).",
+    help="Report folder, written even when it holds reports already. Default: eval-<split> beside the "
+    "checkpoint (<split> from --split, or from an ssv2-<split>.json given as --data); a re-run of the same "
+    "checkpoint on the same data replaces its reports there, while another checkpoint or other data goes to "
+    "the first free eval-<split>-2, -3, ... (said in a log line), so no earlier eval is lost.",
 )
 @click.option(
     "--predictions",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Write per-video top-5 class indices (id;c1;c2;c3;c4;c5) for submission.",
+    help="Write per-video top-5 class indices (id;c1;c2;c3;c4;c5) for submission. With --grid: those of the "
+    "first setting (the first crops= and clips= values), which the eval names when it writes them.",
 )
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option(
@@ -544,30 +793,7 @@ def _parse_grid(grid: str | None, crops: int, clips: int) -> tuple[tuple[int, in
 )
 @click.option("--channels-last/--no-channels-last", default=None, help="Default: on for CUDA, as in train.")
 @_cache_options
-def eval_cmd(
-    checkpoint: Path,
-    data_spec: str,
-    split: str,
-    index: str | None,
-    segments: int | None,
-    crops: str,
-    clips: str,
-    grid: str | None,
-    dense: bool,
-    full_res: bool,
-    crop_size: int | None,
-    scale_size: int | None,
-    batch_size: int,
-    workers: int,
-    out_dir: Path | None,
-    predictions: Path | None,
-    device: str,
-    amp: bool,
-    channels_last: bool | None,
-    cache_dir: Path | None,
-    cache_size: str,
-    cache_verify: str,
-) -> None:
+def eval_cmd(**opts: Any) -> None:
     """Evaluate a checkpoint on a held-out split: top-1/top-5, per-class, confusion, seconds per video.
 
     On a split without labels (the SSv2 test split) it writes the predictions only (to --predictions, else
@@ -580,33 +806,9 @@ def eval_cmd(
       ssv2prep eval --checkpoint runs/r50/best.pt --data shards --grid 'crops=1,3,5,10;clips=1,2'
       torchrun --nproc-per-node 4 -m ssv2prep eval --checkpoint runs/r50/best.pt --data shards
     """
-    from ssv2prep.errors import ConfigError
-    from ssv2prep.train.evaluation import EvalConfig, evaluate_checkpoint, predictions_file
+    from ssv2prep.train.evaluation import evaluate_checkpoint, predictions_file
 
-    if not _SPLIT_RE.fullmatch(split):  # it names files and the default --out folder: keep it a plain name
-        raise ConfigError(f"--split {split!r}: not a split name (letters, digits, '-' and '_' only)")
-    spec = data_spec
-    if Path(data_spec).is_dir():
-        spec = str(Path(data_spec) / f"ssv2-{split}.json")
-    cfg = EvalConfig(
-        checkpoint=checkpoint,
-        data=spec,
-        index=index,
-        settings=_parse_grid(grid, int(crops), int(clips)),
-        segments=segments,
-        dense=dense,
-        full_res=full_res,
-        crop_size=crop_size,
-        scale_size=scale_size,
-        batch_size=batch_size,
-        workers=workers,
-        out=out_dir or checkpoint.parent / f"eval-{split}",
-        predictions=predictions,
-        device=device,
-        amp="auto" if amp else "off",
-        channels_last=channels_last,
-        **_cache_fields(cache_dir, cache_size, cache_verify),
-    )
+    cfg = _eval_config(opts, click.get_current_context())
     with progress_bars() as progress:
         task = progress.add_task("evaluating", total=None, rate="")
         rows = evaluate_checkpoint(cfg, on_batch=lambda n: progress.advance(task, n))
@@ -624,7 +826,41 @@ def eval_cmd(
             f"on {r['labelled']} videos{unlabelled}, {r['seconds_per_video']:.3f} s/video",
             markup=False,
         )
+    written = predictions_file(cfg, rows)
+    if written is not None and any(r["labelled"] for r in rows):
+        first = rows[0]
+        which = f" of the first setting, {first['crops']} crops x {first['clips']} clips," if len(rows) > 1 else ""
+        out.print(f"predictions{which} in {written}", markup=False)
     out.print(f"reports in {cfg.out}", markup=False)
+
+
+def _eval_config(opts: dict[str, Any], ctx: click.Context) -> Any:
+    """The EvalConfig of `eval`'s options: options named as its fields pass through; the rest are resolved here
+    (the data folder's index, the default report folder, the grid, --amp, the cache)."""
+    from click.core import ParameterSource
+
+    from ssv2prep.errors import ConfigError
+    from ssv2prep.train.evaluation import EvalConfig
+
+    split, data_spec, checkpoint = opts["split"], opts["data_spec"], opts["checkpoint"]
+    if not _SPLIT_RE.fullmatch(split):  # it names files and the default --out folder: keep it a plain name
+        raise ConfigError(f"--split {split!r}: not a split name (letters, digits, '-' and '_' only)")
+    spec = data_spec
+    if Path(data_spec).is_dir():
+        spec = str(Path(data_spec) / f"ssv2-{split}.json")
+    elif ctx.get_parameter_source("split") is ParameterSource.DEFAULT:
+        named = _INDEX_SPLIT_RE.fullmatch(data_spec.rstrip("/").rsplit("/", 1)[-1])
+        split = named.group(1) if named else split  # an ssv2-test.json given as --data: its reports are test's
+    same = ("checkpoint", "index", "segments", "dense", "full_res", "crop_size", "scale_size", "batch_size")
+    same += ("workers", "predictions", "device", "channels_last")
+    return EvalConfig(
+        **{name: opts[name] for name in same},
+        data=spec,
+        settings=_parse_grid(opts["grid"], int(opts["crops"]), int(opts["clips"])),
+        out=opts["out_dir"] if opts["out_dir"] is not None else _default_eval_out(checkpoint, split, spec),
+        amp="auto" if opts["amp"] else "off",
+        **_cache_fields(opts["cache_dir"], opts["cache_size"], opts["cache_verify"]),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------- export

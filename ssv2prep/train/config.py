@@ -127,3 +127,127 @@ def default_num_workers() -> int:
         cores = os.cpu_count() or 1
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(8, cores // local))
+
+
+# Keys `fit` writes into config.json beside the options: read back, they are not options and are left out.
+RECORD_KEYS = frozenset({"classes", "base_lr", "history"})
+
+
+def load_train_config(path: Path) -> dict[str, Any]:
+    """The options of a run's `config.json` as a nested dict checked against the config dataclasses: every key
+    known, every value of its field's type (lists where tuples are kept as lists, paths as text). `classes`,
+    `base_lr` and `history`, which `fit` records beside the options, are dropped.
+
+    Raises:
+        ConfigError: an unreadable or non-JSON file, an unknown key or a value of the wrong type, naming the file
+            and the dotted key (`optim.lr`).
+    """
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: not a run's config.json (a JSON object)")
+    data = {k: v for k, v in data.items() if k not in RECORD_KEYS}
+    return _checked(data, TrainConfig, path, "")
+
+
+def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """A `TrainConfig` from a dict in the form of `TrainConfig.to_dict()` (checked first with `_checked`);
+    missing keys take the dataclass defaults."""
+    sections = _sections()
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in sections:
+            kwargs[name] = sections[name](**{k: _typed(sections[name], k, v) for k, v in value.items()})
+        else:
+            kwargs[name] = _typed(TrainConfig, name, value)
+    for name in ("model", "data"):
+        kwargs.setdefault(name, sections[name]())
+    return TrainConfig(**kwargs)
+
+
+def _sections() -> dict[str, type]:
+    from ssv2prep.data.loader import DataConfig  # torch: imported only when a config file is read
+    from ssv2prep.models.tsm import ModelConfig
+
+    return {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "runtime": RuntimeConfig}
+
+
+class _WrongType(Exception):
+    pass
+
+
+def _checked(data: dict[str, Any], cls: type, path: Path, prefix: str) -> dict[str, Any]:
+    import typing
+
+    sections = _sections() if cls is TrainConfig else {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if cls is TrainConfig:
+        missing = [name for name in ("train", "out") if name not in data]
+        if missing:
+            raise ConfigError(f"{path}: no {missing[0]!r} key (not a run's config.json?)")
+    checked: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = prefix + key
+        if key not in fields:
+            raise ConfigError(f"{path}: unknown key {dotted!r}")
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {dotted} must be an object of {sections[key].__name__} keys")
+            checked[key] = _checked(value, sections[key], path, dotted + ".")
+            continue
+        try:
+            _coerce(value, hints[key])
+        except _WrongType:
+            raise ConfigError(f"{path}: {dotted} = {value!r} is not of type {_type_name(hints[key])}") from None
+        checked[key] = value
+    return checked
+
+
+def _typed(cls: type, name: str, value: Any) -> Any:
+    import typing
+
+    return _coerce(value, typing.get_type_hints(cls)[name])
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` (as JSON has it) as the field type `hint`; raises _WrongType when it is not one."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg)
+                except _WrongType:
+                    pass
+        raise _WrongType
+    if origin is tuple and isinstance(value, list | tuple):
+        return tuple(_coerce(v, args[0]) for v in value)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    if hint is Path and isinstance(value, str):
+        return Path(value)
+    raise _WrongType
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("pathlib.", "").replace("typing.", "").replace("<class '", "").replace("'>", "")
