@@ -33,11 +33,14 @@ from PIL import Image, UnidentifiedImageError
 
 from ssv2prep import storage
 from ssv2prep.errors import ConfigError, ShardError
-from ssv2prep.prep.index import WORK_DIR, read_classes, read_index, read_manifest
 from ssv2prep.prep.plan import DATASET_NAME
 from ssv2prep.workers import cpu_count, worker_pool
 
 log = logging.getLogger(__name__)
+
+# ssv2prep.prep.index is imported inside the parent-side functions only: it pulls in the shard writer (PyAV,
+# numpy: ~0.3 s), and a fork server imports this module before its first worker starts, so a module-level import
+# made every pool start that much later. The workers need tarfile, hashlib, PIL and storage, nothing more.
 
 MAX_PROBLEMS_PER_SHARD = 20
 READ_CHUNK_BYTES = 1 << 20
@@ -231,6 +234,8 @@ def check_shard(task: ShardTask) -> ShardCheck:
 def _check_manifest(
     folder: str, names: set[str], index: dict[str, Any], seen: dict[str, tuple[str, tuple[Any, Any]]]
 ) -> list[str]:
+    from ssv2prep.prep.index import read_manifest
+
     split = index["split"]
     manifest = f"{DATASET_NAME}-{split}.manifest.jsonl"
     if manifest not in names:
@@ -273,6 +278,8 @@ class _Split:
 
 def _open_split(folder: str, names: set[str], index_name: str) -> _Split:
     """Read an index and its class list; `index` stays None when its shards must not (or cannot) be read."""
+    from ssv2prep.prep.index import read_classes, read_index
+
     split = _Split(index_name)
     index_url = storage.join(folder, index_name)
     try:
@@ -382,6 +389,8 @@ def verify_folder(
         ConfigError: `workers` < 0, or an unknown URL scheme.
         StorageError: the folder cannot be listed.
     """
+    from ssv2prep.prep.index import WORK_DIR
+
     if workers < 0:
         raise ConfigError(f"--workers must be >= 0 (got {workers})")
     root = os.fspath(folder)
@@ -435,6 +444,8 @@ def unindexed_splits(names: list[str], work_names: list[str], indexes: list[str]
 
 def count_shards(folder: str | Path) -> int:
     """How many shards the indexes in `folder` list (for a progress bar)."""
+    from ssv2prep.prep.index import read_index
+
     root = os.fspath(folder)
     total = 0
     for name in index_names(storage.list_names(root)):
