@@ -2,11 +2,12 @@
 
 Checks per split: the index parses; every shard exists with the recorded size and MD5; each sample has its JSON,
 its `.cls` (when labelled) agreeing with the JSON and the manifest, and `num_frames` JPEGs numbered 0..n-1 that
-decode (`decode_check`; or one video member); sample counts equal `nsamples`; the manifest holds each id once, ok = sum of
-`nsamples`, and every ok id is in the shard the manifest names; the stats agree with the manifest; a split has at
-least one sample. Names read from an index (shard urls, the class list, the split) must be plain file names in the
-folder: a `../` or absolute one is a problem, never opened. A split with shards, a manifest or work records but no
-index (an unfinished `--part` run, a deleted index) is a problem too, so that a partial folder never passes.
+decode (`decode_check`; or one video member); sample counts equal `nsamples`; the manifest holds each id once,
+ok = sum of `nsamples`, and every ok id is in the shard the manifest names; the stats agree with the manifest; a
+split has at least one sample. Names read from an index (shard urls, the class list, the split) must be plain file
+names in the folder: a `../` or absolute one is a problem, never opened. A split with shards, a manifest or work
+records but no index (an unfinished `--part` run, a deleted index) is a problem too, so that a partial folder never
+passes.
 
 The folder may be an object-store prefix (`s3://bucket/prefix`): everything is read through `ssv2prep.storage`,
 shards as streams (never a whole shard in memory). Shards are checked in a process pool (`workers`); the report
