@@ -94,9 +94,15 @@ def bench_shard(
     "--work-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Keep the generated shards under this folder (default: a temp folder, removed afterwards).",
+    help="Keep the generated shards under this folder, reused by the next run (default: a temp folder, removed).",
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the results as JSON.",
+)
 def bench_verify(
     shards_dir: Path | None,
     num_videos: int,
