@@ -76,6 +76,71 @@ def bench_shard(
     emit_json(json_path, result)
 
 
+@bench.command("verify")
+@click.option(
+    "--shards",
+    "shards_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Shard folder to verify (default: synthesize and shard --videos videos).",
+)
+@click.option("--videos", "num_videos", type=int, default=200, show_default=True, help="Videos to synthesize.")
+@click.option("--frames", type=int, default=36, show_default=True, help="Frames per synthesized video.")
+@click.option("--height", type=int, default=240, show_default=True, help="Height of synthesized videos.")
+@click.option("--videos-per-shard", type=int, default=0, show_default=True, help="0 = enough shards for 8 per worker.")
+@click.option("--workers", type=int, default=0, show_default=True, help="Workers to compare with 1 (0 = all cores).")
+@click.option("--repeat", "repeats", type=int, default=3, show_default=True, help="Interleaved runs; medians.")
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the generated shards under this folder, reused by the next run (default: a temp folder, removed).",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the results as JSON.",
+)
+def bench_verify(
+    shards_dir: Path | None,
+    num_videos: int,
+    frames: int,
+    height: int,
+    videos_per_shard: int,
+    workers: int,
+    repeats: int,
+    work_dir: Path | None,
+    json_path: Path | None,
+) -> None:
+    """verify with N workers against 1 worker, a bare decode loop (the floor) and the CPU ceiling of N processes.
+
+    \b
+    Examples:
+      ssv2prep bench verify --videos 200 --workers 2 --json bench-verify.json
+      ssv2prep bench verify --shards shards --repeat 5
+    """
+    from ssv2prep.bench.verify import VerifyBenchConfig, format_verify_bench, run_verify_bench
+
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    cfg = VerifyBenchConfig(
+        shards_dir=shards_dir,
+        num_videos=num_videos,
+        frames=frames,
+        height=height,
+        videos_per_shard=videos_per_shard,
+        workers=workers,
+        repeats=repeats,
+        work_dir=work_dir,
+    )
+    with console.status("benchmarking verify ..."):
+        result = run_verify_bench(cfg, on_step=lambda msg: logging.getLogger("ssv2prep.bench").info(msg))
+    out.print(format_verify_bench(result), markup=False)
+    emit_json(json_path, result)
+
+
 @bench.command("loader")
 @click.option(
     "--index",

@@ -2,11 +2,12 @@
 
 Checks per split: the index parses; every shard exists with the recorded size and MD5; each sample has its JSON,
 its `.cls` (when labelled) agreeing with the JSON and the manifest, and `num_frames` JPEGs numbered 0..n-1 that
-decode (or one video member); sample counts equal `nsamples`; the manifest holds each id once, ok = sum of
-`nsamples`, and every ok id is in the shard the manifest names; the stats agree with the manifest; a split has at
-least one sample. Names read from an index (shard urls, the class list, the split) must be plain file names in the
-folder: a `../` or absolute one is a problem, never opened. A split with shards, a manifest or work records but no
-index (an unfinished `--part` run, a deleted index) is a problem too, so that a partial folder never passes.
+decode (`decode_check`; or one video member); sample counts equal `nsamples`; the manifest holds each id once,
+ok = sum of `nsamples`, and every ok id is in the shard the manifest names; the stats agree with the manifest; a
+split has at least one sample. Names read from an index (shard urls, the class list, the split) must be plain file
+names in the folder: a `../` or absolute one is a problem, never opened. A split with shards, a manifest or work
+records but no index (an unfinished `--part` run, a deleted index) is a problem too, so that a partial folder never
+passes.
 
 The folder may be an object-store prefix (`s3://bucket/prefix`): everything is read through `ssv2prep.storage`,
 shards as streams (never a whole shard in memory). Shards are checked in a process pool (`workers`); the report
@@ -33,14 +34,20 @@ from PIL import Image, UnidentifiedImageError
 
 from ssv2prep import storage
 from ssv2prep.errors import ConfigError, ShardError
-from ssv2prep.prep.index import WORK_DIR, read_classes, read_index, read_manifest
 from ssv2prep.prep.plan import DATASET_NAME
 from ssv2prep.workers import cpu_count, worker_pool
 
 log = logging.getLogger(__name__)
 
+# ssv2prep.prep.index is imported inside the parent-side functions only: it pulls in the shard writer (PyAV,
+# numpy: ~0.3 s), and a fork server imports this module before its first worker starts, so a module-level import
+# made every pool start that much later. The workers need tarfile, hashlib, PIL and storage, nothing more.
+
 MAX_PROBLEMS_PER_SHARD = 20
 READ_CHUNK_BYTES = 1 << 20
+# tarfile's stream buffer: every read copies what is left of the buffer, so with 1 MiB and ~10 KB JPEG members the
+# copying cost more than the tar parsing itself; a few members' worth keeps reads few and copies small
+TAR_BUFFER_BYTES = 32 << 10
 _SPLIT_FILE_RE = re.compile(
     rf"^{DATASET_NAME}-(?P<split>.+?)(?:-\d{{6}}\.tar(?:\.json)?|\.manifest\.jsonl|\.stats\.json)$"
 )
@@ -122,7 +129,7 @@ def _check_sample(key: str, members: dict[str, bytes], fmt: str, decode: bool) -
         if decode:
             for name in frames:
                 try:
-                    Image.open(io.BytesIO(members[name])).load()
+                    decode_check(members[name])
                 except (OSError, SyntaxError) as exc:
                     # PIL names the in-memory stream (with its address) when it cannot identify the bytes: the
                     # report must not depend on which process read them
@@ -132,6 +139,19 @@ def _check_sample(key: str, members: dict[str, bytes], fmt: str, decode: bool) -
     elif not any(s in members for s in ("webm", "mp4")):
         problems.append(f"sample {key}: no video member")
     return problems, meta
+
+
+def decode_check(data: bytes) -> None:
+    """Decode one image as `verify` does; raises what PIL raises (OSError, SyntaxError) when it does not decode.
+
+    A JPEG is decoded at 1/8 scale (PIL's `draft`): libjpeg still parses every marker and entropy-decodes every
+    coefficient of the whole scan, which is where a damaged or truncated frame fails, and skips only the full-size
+    inverse DCT and colour conversion, which cannot fail. The errors are the same as a full-size decode's (the tests
+    compare both on corrupted frames); the work is about a quarter. Other formats are decoded in full.
+    """
+    image = Image.open(io.BytesIO(data))
+    image.draft(image.mode, (1, 1))
+    image.load()
 
 
 class _HashingReader:
@@ -186,7 +206,7 @@ def check_shard(task: ShardTask) -> ShardCheck:
     with fh:
         reader = _HashingReader(fh)
         try:
-            with tarfile.open(fileobj=reader, mode="r|", bufsize=READ_CHUNK_BYTES) as tar:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=reader, mode="r|", bufsize=TAR_BUFFER_BYTES) as tar:  # type: ignore[call-overload]
                 for key, members in _group_samples(tar):
                     problems, meta = _check_sample(key, members, task.fmt, task.decode)
                     sample_problems += [f"{name}: {p}" for p in problems]
@@ -215,6 +235,8 @@ def check_shard(task: ShardTask) -> ShardCheck:
 def _check_manifest(
     folder: str, names: set[str], index: dict[str, Any], seen: dict[str, tuple[str, tuple[Any, Any]]]
 ) -> list[str]:
+    from ssv2prep.prep.index import read_manifest
+
     split = index["split"]
     manifest = f"{DATASET_NAME}-{split}.manifest.jsonl"
     if manifest not in names:
@@ -257,6 +279,8 @@ class _Split:
 
 def _open_split(folder: str, names: set[str], index_name: str) -> _Split:
     """Read an index and its class list; `index` stays None when its shards must not (or cannot) be read."""
+    from ssv2prep.prep.index import read_classes, read_index
+
     split = _Split(index_name)
     index_url = storage.join(folder, index_name)
     try:
@@ -333,8 +357,10 @@ def _run_checks(tasks: list[ShardTask], workers: int, on_shard: Callable[[str], 
                 on_shard(storage.basename(task.url))
     else:
         pool = worker_pool(min(workers, len(tasks)), preload=[__name__])
+        # largest shards first: the last shards to finish are then small ones, so no worker idles long at the end
+        order = sorted(range(len(tasks)), key=lambda i: -(tasks[i].entry.get("filesize") or 0))
         try:
-            futures = {pool.submit(check_shard, task): i for i, task in enumerate(tasks)}
+            futures = {pool.submit(check_shard, tasks[i]): i for i in order}
             for fut in as_completed(futures):
                 results[futures[fut]] = fut.result()
                 if on_shard:
@@ -364,6 +390,8 @@ def verify_folder(
         ConfigError: `workers` < 0, or an unknown URL scheme.
         StorageError: the folder cannot be listed.
     """
+    from ssv2prep.prep.index import WORK_DIR
+
     if workers < 0:
         raise ConfigError(f"--workers must be >= 0 (got {workers})")
     root = os.fspath(folder)
@@ -417,6 +445,8 @@ def unindexed_splits(names: list[str], work_names: list[str], indexes: list[str]
 
 def count_shards(folder: str | Path) -> int:
     """How many shards the indexes in `folder` list (for a progress bar)."""
+    from ssv2prep.prep.index import read_index
+
     root = os.fspath(folder)
     total = 0
     for name in index_names(storage.list_names(root)):

@@ -184,3 +184,108 @@ def test_class_names_that_disagree_with_classes_json_are_a_problem(tiny_shards: 
     edit_index(shards / "ssv2-test.json", lambda ix: ix["class_names"].reverse())
     report = verify_folder(shards, decode=False)
     assert report.problems == ["ssv2-test.json: class_names differ from classes.json beside it"]
+
+
+def shard_jpegs(shards: Path, name: str) -> list[bytes]:
+    import tarfile
+
+    with tarfile.open(shards / name) as tar:
+        return [tar.extractfile(m).read() for m in tar if m.name.endswith(".jpg")]
+
+
+def full_decode_error(data: bytes) -> str | None:
+    """What a full-size PIL decode raises on `data` (None when it decodes): the reference for `decode_check`."""
+    import io
+
+    from PIL import Image
+
+    try:
+        Image.open(io.BytesIO(data)).load()
+    except (OSError, SyntaxError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def test_decode_check_fails_exactly_where_a_full_size_decode_fails(tiny_shards: Path) -> None:
+    import random
+
+    from ssv2prep.prep.verify import decode_check
+
+    def reduced_error(data: bytes) -> str | None:
+        try:
+            decode_check(data)
+        except (OSError, SyntaxError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    import io
+
+    from PIL import Image
+
+    def reencode(data: bytes, mode: str, **options) -> bytes:
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert(mode).save(buf, format="JPEG", **options)
+        return buf.getvalue()
+
+    frames = shard_jpegs(tiny_shards, "ssv2-train-000000.tar")
+    # our writer's baseline 4:2:0 frames, and what other writers emit: progressive, grey, 4:4:4
+    jpegs = frames + [
+        reencode(f, mode, **options)
+        for f in frames[:4]
+        for mode, options in (("RGB", {"progressive": True}), ("L", {}), ("RGB", {"subsampling": 0}))
+    ]
+    rng = random.Random(12)
+    outcomes = []
+    for trial in range(800):
+        data = bytearray(rng.choice(jpegs))
+        at = rng.randrange(len(data))
+        kind = trial % 4
+        if kind == 0:  # flipped bytes anywhere: headers, tables, entropy-coded data
+            for _ in range(rng.randint(1, 12)):
+                data[rng.randrange(len(data))] ^= rng.randrange(1, 256)
+        elif kind == 1:  # truncated
+            del data[at:]
+        elif kind == 2:  # a zeroed run
+            data[at : at + 64] = bytes(len(data[at : at + 64]))
+        else:  # a stray marker
+            data[at:at] = bytes([0xFF, rng.randrange(256)])
+        outcomes.append((full_decode_error(bytes(data)), reduced_error(bytes(data))))
+    assert [full for full, _ in outcomes] == [reduced for _, reduced in outcomes]
+    failed = sum(full is not None for full, _ in outcomes)
+    assert 150 < failed < 700, failed  # both outcomes occur, so the comparison means something
+    assert all(reduced_error(j) is None for j in jpegs)
+
+
+def test_a_frame_that_does_not_decode_is_named_with_any_number_of_workers(tiny_shards: Path, tmp_path) -> None:
+    import hashlib
+    import io
+    import tarfile
+
+    shards = copy_shards(tiny_shards, tmp_path / "shards")
+    name = "ssv2-validation-000001.tar"
+    # Rewrite the shard with one JPEG cut short and the index updated, so that only decoding can tell.
+    src = (shards / name).read_bytes()
+    buf = io.BytesIO()
+    bad = None
+    with tarfile.open(fileobj=io.BytesIO(src)) as tin, tarfile.open(fileobj=buf, mode="w") as tout:
+        for member in tin:
+            data = tin.extractfile(member).read()
+            if bad is None and member.name.endswith("000002.jpg"):
+                bad, data = member.name, data[: len(data) // 2]
+                member.size = len(data)
+            tout.addfile(member, io.BytesIO(data))
+    (shards / name).write_bytes(buf.getvalue())
+    entry_update = {"filesize": len(buf.getvalue()), "md5sum": hashlib.md5(buf.getvalue()).hexdigest()}
+    edit_index(
+        shards / "ssv2-validation.json",
+        lambda ix: [e.update(entry_update) for e in ix["shardlist"] if e["url"] == name],
+    )
+    key, _, frame = bad.partition(".")
+    with tarfile.open(shards / name) as tar:
+        why = full_decode_error(tar.extractfile(bad).read())
+    assert why is not None and why.startswith("OSError: ")
+
+    one, two = verify_folder(shards, workers=1), verify_folder(shards, workers=2)
+    assert one.problems == [f"{name}: sample {key}: frame {frame} does not decode ({why.removeprefix('OSError: ')})"]
+    assert report_fields(one) == report_fields(two)
+    assert verify_folder(shards, decode=False).ok  # sizes, MD5s and counts all agree: only the decode finds it
