@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,11 +24,15 @@ from ssv2prep.pipeline import Pipeline, Stage, load_pipeline, run_pipeline
 from ssv2prep.resources import shipped_file
 from ssv2prep.sweep import VariantResult, compare_variants
 from ssv2prep.train.report import markdown_table
+from ssv2prep.workers import cpu_count
 
 log = logging.getLogger(__name__)
 
 DEMO_PIPELINE = "demo"  # the shipped pipelines/demo.toml, found by ssv2prep.resources in a checkout or a wheel
-TARGET_TSM_MIN = 90.0
+# What a run must show: TSM far above chance (25%) and TSN not above what one frame can tell (the pair, 50%, at
+# most). docs/demo-study.md: TSM's validation top-1 moves by several points with the training seed and with the
+# threads per training process (92.4-99.3% seen), so the bar sits well below the runs, not 2 points under one.
+TARGET_TSM_MIN = 80.0
 TARGET_TSN_MAX = 65.0
 # A very small run for tests and a quick look: the same stages, far less data and training.
 SMALL_OVERRIDES = [
@@ -83,6 +88,25 @@ def _accuracy(result: VariantResult, folder: str) -> float | None:
     return None
 
 
+def _train_threads(pipeline: Pipeline) -> int | None:
+    """Threads per training process, as `run_pipeline` gives them: OMP_NUM_THREADS when the environment sets it, else
+    cores / `parallel` for a parallel sweep; None when neither decides (torch then picks)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, cpu_count() // pipeline.parallel) if pipeline.parallel > 1 else None
+
+
+def _seed_line(pipeline: Pipeline) -> str:
+    seeds = {s.options.get("seed", 0) for s in pipeline.stages if s.name == "train"}
+    threads = _train_threads(pipeline)
+    return (
+        f"Training seed {', '.join(str(s) for s in sorted(seeds))}"
+        + (f", {threads} thread(s) per training process" if threads is not None else "")
+        + ": the same seed, threads and library versions give the same accuracies; other seeds or thread counts "
+        "move TSM by a few points (docs/demo-study.md)."
+    )
+
+
 def write_report(pipeline: Pipeline, results: list[VariantResult], wall_s: float) -> Path:
     """`report.md` in the work folder: table, target check, embedded plots, stage timings."""
     run_dir = pipeline.run_dir()
@@ -116,7 +140,8 @@ def write_report(pipeline: Pipeline, results: list[VariantResult], wall_s: float
     text = (
         f"# ssv2prep demo\n\nThe main job on synthetic SSv2 (mirror-pair classes that only frame order tells "
         f"apart), end to end: synth, loopback HTTP download, extract, shard, verify, train, evaluate.\n\n"
-        f"{table}\n\n{verdict}\n\nTotal wall time: {wall_s:.0f} s.\n\n![comparison]({rel}/comparison.png)\n\n"
+        f"{table}\n\n{verdict}\n\n{_seed_line(pipeline)}\n\n"
+        f"Total wall time: {wall_s:.0f} s.\n\n![comparison]({rel}/comparison.png)\n\n"
         f"{plots}\n\n## Stage timings\n\n{overlap}{timings}\n"
     )
     path = pipeline.work_dir / "report.md"

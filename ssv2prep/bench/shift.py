@@ -170,7 +170,6 @@ class _ShiftTimer:
         return total
 
     def remove(self) -> None:
-        """Detach the hooks."""
         for handle in self._handles:
             handle.remove()
 

@@ -151,7 +151,7 @@ class _LoaderBase:
         self.decode_device = device
         self.skipped = 0
 
-    def _items(self) -> Iterator[Batch]:
+    def _batches(self) -> Iterator[Batch]:
         workers = self.cfg.num_workers
         pin = self.cfg.pin_memory and self.decode_device is None and torch.cuda.is_available()
         loader = DataLoader(
@@ -184,7 +184,6 @@ class TrainLoader(_LoaderBase):
     """
 
     def __init__(self, stream: ClipStream, cfg: DataConfig, device: torch.device | None, *, steps: int) -> None:
-        """Wrap a train stream of `steps` batches per epoch."""
         super().__init__(stream, cfg, device)
         self.steps = steps
         self.epoch = 0
@@ -202,14 +201,12 @@ class TrainLoader(_LoaderBase):
         self.skip = skip
 
     def __len__(self) -> int:
-        """Batches per epoch."""
         return self.steps
 
     def __iter__(self) -> Iterator[Batch]:
-        """The batches of the current epoch."""
         self.stream.epoch, self.stream.skip = self.epoch, self.skip
         count, expected = 0, self.steps - self.skip
-        for batch in self._items():
+        for batch in self._batches():
             count += 1
             yield batch
         if count != expected:
@@ -249,7 +246,7 @@ class EvalLoader(_LoaderBase):
     def __iter__(self) -> Iterator[Batch]:
         """Every sample of this rank once; batches emptied by skips are absorbed (their count is in `skipped`)."""
         self.seen = 0
-        for batch in self._items():
+        for batch in self._batches():
             if batch.labels.numel():
                 self.seen += batch.labels.numel()
                 yield batch

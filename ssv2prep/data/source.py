@@ -624,16 +624,6 @@ class _TarReader:
             left -= len(chunk)
 
 
-def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every regular file of a tar stream, in order (USTAR, GNU long names and pax paths).
-
-    Raises `tarfile.ReadError` for a stream that is not a whole tar.
-    """
-    reader = _TarReader(stream)
-    while (member := reader.next_member()) is not None:
-        yield member[0], reader.read_data()
-
-
 def read_samples(
     stream: IO[bytes], url: str, *, start: int = 0, stop: int | None = None
 ) -> Generator[RawSample, None, int | None]:

@@ -87,7 +87,7 @@ def _range_samples(cfg: StreamConfig, ranges: Iterable[ShardRange]) -> Iterator[
         yield from _shard_samples(cfg, piece.shard, piece.start, piece.stop)
 
 
-def _passes(cfg: StreamConfig, ranges: tuple[ShardRange, ...], rng: np.random.Generator) -> Iterator[RawSample]:
+def _endless_passes(cfg: StreamConfig, ranges: tuple[ShardRange, ...], rng: np.random.Generator) -> Iterator[RawSample]:
     """Samples of `ranges` (in the given order, shuffled through the buffer), then further passes over the same
     ranges in fresh random orders, forever. A worker needs a further pass only when samples of its ranges failed to
     decode; the buffer drains at the end of each pass, so a sample repeats only in a later pass."""
@@ -140,7 +140,7 @@ class StreamConfig:
     md5sums: tuple[str | None, ...] | None = None
 
 
-def _prepared(
+def _clips_from_samples(
     samples: Iterable[RawSample], cfg: StreamConfig, rng: np.random.Generator, *, replay: int = 0
 ) -> Iterator[Any]:
     """Samples -> finished clips (or pending requests), with SKIP for each sample that could not be used.
@@ -201,7 +201,6 @@ class ClipStream(IterableDataset):
     """
 
     def __init__(self, cfg: StreamConfig) -> None:
-        """Wrap a stream configuration."""
         super().__init__()
         self.cfg = cfg
         self.epoch = 0
@@ -226,8 +225,8 @@ class ClipStream(IterableDataset):
             batch_size=cfg.batch_size,
         )
         rng = np.random.default_rng([cfg.seed, self.epoch, cfg.rank, worker])
-        samples = _passes(cfg, plan[cfg.rank * num_workers + worker], rng)
-        batches = _batched(_prepared(samples, cfg, rng, replay=done * cfg.batch_size), cfg.batch_size)
+        samples = _endless_passes(cfg, plan[cfg.rank * num_workers + worker], rng)
+        batches = _batched(_clips_from_samples(samples, cfg, rng, replay=done * cfg.batch_size), cfg.batch_size)
         try:
             yield from itertools.islice(batches, quota)
         finally:
@@ -240,7 +239,7 @@ class ClipStream(IterableDataset):
         )
         rng = np.random.default_rng([cfg.seed, cfg.rank, worker])
         samples = itertools.chain.from_iterable(_shard_samples(cfg, i) for i in ids)
-        yield from _batched(_prepared(samples, cfg, rng), cfg.batch_size)
+        yield from _batched(_clips_from_samples(samples, cfg, rng), cfg.batch_size)
 
     def __iter__(self) -> Iterator[Batch | PendingBatch | WorkerFailure]:
         """Batches of this worker; a loader-stopping error comes last, as a `WorkerFailure` item."""

@@ -128,5 +128,4 @@ class OnlineTSM(nn.Module):
         return logits, new_cache
 
     def forward(self, frame_nchw: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
-        """Same as `step`."""
         return self.step(frame_nchw, cache)

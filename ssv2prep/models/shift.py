@@ -237,24 +237,9 @@ class TemporalShift(nn.Module):
         return self.net(SHIFT_IMPLS[self.impl](x, self.num_segments, self.fold_div, self.mode))
 
     def extra_repr(self) -> str:
-        """Shown by `print(model)`."""
         return f"num_segments={self.num_segments}, fold_div={self.fold_div}, mode={self.mode}, impl={self.impl}"
 
 
 def shift_modules(model: nn.Module) -> list[TemporalShift]:
     """All `TemporalShift` modules of `model`, in registration order."""
     return [m for m in model.modules() if isinstance(m, TemporalShift)]
-
-
-def set_shift_impl(model: nn.Module, impl: str) -> int:
-    """Switch every `TemporalShift` in `model` to the implementation `impl`; return how many were switched.
-
-    Raises:
-        ConfigError: for an unknown implementation name.
-    """
-    if impl not in SHIFT_IMPLS:
-        raise ConfigError(f"unknown shift implementation {impl!r}; expected one of {sorted(SHIFT_IMPLS)}")
-    modules = shift_modules(model)
-    for module in modules:
-        module.impl = impl
-    return len(modules)

@@ -139,11 +139,6 @@ class Resize:
         return _rescale(self.short_side, width, height), self.short_side
 
 
-def scaled_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
-    """Output (width, height) when the short side is scaled to `short_side` (None keeps the size)."""
-    return Resize(short_side=short_side).size(width, height)
-
-
 def encode_jpeg(rgb_hwc: np.ndarray, quality: int, subsampling: int = 2) -> bytes:
     """RGB uint8 (H, W, 3) -> baseline JPEG bytes with Pillow (libjpeg); `subsampling` as Pillow's (2 = 4:2:0,
     1 = 4:2:2, 0 = 4:4:4)."""

@@ -284,7 +284,6 @@ class _PartStream(io.RawIOBase):
         return self.index >= len(self.parts)
 
     def readable(self) -> bool:
-        """Always readable."""
         return True
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
@@ -334,7 +333,6 @@ class _PartStream(io.RawIOBase):
             self._on_progress(self.bytes_read, self.total_bytes)
 
     def close(self) -> None:
-        """Close the open part, if any."""
         self._close_part()
         super().close()
 
@@ -363,7 +361,6 @@ class _CheckedReader:
             pass
 
     def close(self) -> None:
-        """Close the decompressor and the parts."""
         self._gz.close()
         self.stream.close()
 

@@ -28,21 +28,6 @@ INDEX_KIND = "wids-shard-index-v1"
 WORK_DIR = ".ssv2prep-work"  # OUT/.ssv2prep-work/: settings.json and one work record per finished shard
 
 
-def index_path(out_dir: Path, split: str) -> Path:
-    """`OUT/ssv2-{split}.json`."""
-    return out_dir / f"{DATASET_NAME}-{split}.json"
-
-
-def manifest_path(out_dir: Path, split: str) -> Path:
-    """`OUT/ssv2-{split}.manifest.jsonl`."""
-    return out_dir / f"{DATASET_NAME}-{split}.manifest.jsonl"
-
-
-def stats_path(out_dir: Path, split: str) -> Path:
-    """`OUT/ssv2-{split}.stats.json`."""
-    return out_dir / f"{DATASET_NAME}-{split}.stats.json"
-
-
 @dataclass(frozen=True, slots=True)
 class SplitSummary:
     """What a finished split holds; the CLI prints it."""

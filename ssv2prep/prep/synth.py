@@ -217,7 +217,7 @@ class _Backdrop:
 
 
 @dataclass(frozen=True, slots=True)
-class _Item:
+class _SceneObject:
     """An object before it is placed: its shape, colour and half sizes in pixels."""
 
     shape: str
@@ -296,7 +296,7 @@ def _progress(rng: np.random.Generator, num_frames: int) -> np.ndarray:
 # Motions. Each draws the FIRST class of its pair as a list of poses; the twin is the same list reversed.
 
 
-def _push(rng: np.random.Generator, h: int, w: int, items: Sequence[_Item], n: int) -> list[_Pose]:
+def _push(rng: np.random.Generator, h: int, w: int, items: Sequence[_SceneObject], n: int) -> list[_Pose]:
     item = items[0]
     travel = w * rng.uniform(0.35, 0.55)
     x0 = rng.uniform(item.rx + 1, max(item.rx + 1, w - travel - item.rx - 1))
@@ -304,10 +304,10 @@ def _push(rng: np.random.Generator, h: int, w: int, items: Sequence[_Item], n: i
     return [_Pose((item.at(x0 + travel * p, cy),)) for p in _progress(rng, n)]
 
 
-def _pull(rng: np.random.Generator, h: int, w: int, items: Sequence[_Item], n: int) -> list[_Pose]:
+def _pull(rng: np.random.Generator, h: int, w: int, items: Sequence[_SceneObject], n: int) -> list[_Pose]:
     # A hand grips the top of the object: symmetric left/right, so it does not reveal the direction in one frame.
     item = items[0]
-    hand = _Item("ellipse", _jitter(rng, HAND_RGB), item.rx * 0.7, max(item.ry * 0.45, 2.0))
+    hand = _SceneObject("ellipse", _jitter(rng, HAND_RGB), item.rx * 0.7, max(item.ry * 0.45, 2.0))
     poses = _push(rng, h, w, items, n)
     out = []
     for pose in poses:
@@ -316,7 +316,7 @@ def _pull(rng: np.random.Generator, h: int, w: int, items: Sequence[_Item], n: i
     return out
 
 
-def _move_up(rng: np.random.Generator, h: int, w: int, items: Sequence[_Item], n: int) -> list[_Pose]:
+def _move_up(rng: np.random.Generator, h: int, w: int, items: Sequence[_SceneObject], n: int) -> list[_Pose]:
     item = items[0]
     travel = h * rng.uniform(0.35, 0.5)
     y0 = rng.uniform(min(h - item.ry - 1, item.ry + travel + 1), h - item.ry - 1)
@@ -324,7 +324,9 @@ def _move_up(rng: np.random.Generator, h: int, w: int, items: Sequence[_Item], n
     return [_Pose((item.at(cx, y0 - travel * p),)) for p in _progress(rng, n)]
 
 
-def _approach_with_camera(rng: np.random.Generator, h: int, w: int, items: Sequence[_Item], n: int) -> list[_Pose]:
+def _approach_with_camera(
+    rng: np.random.Generator, h: int, w: int, items: Sequence[_SceneObject], n: int
+) -> list[_Pose]:
     item = items[0]
     zoom = rng.uniform(1.6, 2.2)
     cx, cy = w / 2 + rng.uniform(-0.08, 0.08) * w, h / 2 + rng.uniform(-0.08, 0.08) * h
@@ -332,7 +334,7 @@ def _approach_with_camera(rng: np.random.Generator, h: int, w: int, items: Seque
     return [_Pose((sprite,), scale=1.0 + (zoom - 1.0) * p) for p in _progress(rng, n)]
 
 
-def _turn_camera_left(rng: np.random.Generator, h: int, w: int, items: Sequence[_Item], n: int) -> list[_Pose]:
+def _turn_camera_left(rng: np.random.Generator, h: int, w: int, items: Sequence[_SceneObject], n: int) -> list[_Pose]:
     # Turning the camera left moves the whole scene (object and background) to the right on screen.
     item = items[0]
     pan = w * rng.uniform(0.3, 0.45)
@@ -341,7 +343,7 @@ def _turn_camera_left(rng: np.random.Generator, h: int, w: int, items: Sequence[
     return [_Pose((sprite,), offset_x=-pan * p) for p in _progress(rng, n)]
 
 
-def _move_closer(rng: np.random.Generator, h: int, w: int, items: Sequence[_Item], n: int) -> list[_Pose]:
+def _move_closer(rng: np.random.Generator, h: int, w: int, items: Sequence[_SceneObject], n: int) -> list[_Pose]:
     a, b = items[0], items[1]
     centre = w / 2 + rng.uniform(-0.05, 0.05) * w
     far = min(w * rng.uniform(0.5, 0.65), 2 * (w / 2 - max(a.rx, b.rx) - 2))
@@ -354,11 +356,11 @@ def _move_closer(rng: np.random.Generator, h: int, w: int, items: Sequence[_Item
     return poses
 
 
-def _open(rng: np.random.Generator, h: int, w: int, items: Sequence[_Item], n: int) -> list[_Pose]:
+def _open(rng: np.random.Generator, h: int, w: int, items: Sequence[_SceneObject], n: int) -> list[_Pose]:
     box = items[0]
     cx, cy = rng.uniform(0.3 * w, 0.7 * w), rng.uniform(0.55 * h, 0.7 * h)
-    lid = _Item("rectangle", tuple(c * 0.7 for c in box.rgb), box.rx * 1.08, max(box.ry * 0.2, 1.5))
-    inside = _Item("rectangle", (30.0, 25.0, 20.0), box.rx * 0.85, box.ry * 0.2)
+    lid = _SceneObject("rectangle", tuple(c * 0.7 for c in box.rgb), box.rx * 1.08, max(box.ry * 0.2, 1.5))
+    inside = _SceneObject("rectangle", (30.0, 25.0, 20.0), box.rx * 0.85, box.ry * 0.2)
     lift = min(box.ry * rng.uniform(1.0, 1.5), cy - box.ry - lid.ry - 1)
     top = cy - box.ry
     poses = []
@@ -368,12 +370,12 @@ def _open(rng: np.random.Generator, h: int, w: int, items: Sequence[_Item], n: i
     return poses
 
 
-def _unfold(rng: np.random.Generator, h: int, w: int, items: Sequence[_Item], n: int) -> list[_Pose]:
+def _unfold(rng: np.random.Generator, h: int, w: int, items: Sequence[_SceneObject], n: int) -> list[_Pose]:
     sheet = replace(items[0], rx=items[0].rx * 1.6)  # a sheet is wide: its width change must show at 64 px
     side = 1.0 if rng.random() < 0.5 else -1.0  # which edge stays put
     edge = w / 2 - side * sheet.rx
     cy = rng.uniform(0.4 * h, 0.6 * h)
-    crease = _Item("rectangle", tuple(c * 0.6 for c in sheet.rgb), max(w * 0.006, 0.6), sheet.ry)
+    crease = _SceneObject("rectangle", tuple(c * 0.6 for c in sheet.rgb), max(w * 0.006, 0.6), sheet.ry)
     poses = []
     for p in _progress(rng, n):
         half = sheet.rx * (0.5 + 0.5 * p)
@@ -381,7 +383,7 @@ def _unfold(rng: np.random.Generator, h: int, w: int, items: Sequence[_Item], n:
     return poses
 
 
-Motion = Callable[[np.random.Generator, int, int, Sequence[_Item], int], list[_Pose]]
+Motion = Callable[[np.random.Generator, int, int, Sequence[_SceneObject], int], list[_Pose]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,7 +456,7 @@ def _backdrop(rng: np.random.Generator, h: int, avoid: Sequence[tuple[float, ...
     )
 
 
-def _items(rng: np.random.Generator, h: int, placeholders: Sequence[str]) -> list[_Item]:
+def _objects_from_placeholders(rng: np.random.Generator, h: int, placeholders: Sequence[str]) -> list[_SceneObject]:
     """Objects from placeholders like "red triangle": colour from the palette, shape from the noun, random size."""
     out = []
     for text in placeholders:
@@ -462,7 +464,9 @@ def _items(rng: np.random.Generator, h: int, placeholders: Sequence[str]) -> lis
         if colour not in PALETTE or noun not in NOUN_SHAPES:
             raise ConfigError(f"synth: placeholder {text!r} is not '<colour> <noun>' from the synthetic vocabulary")
         radius = h * rng.uniform(0.11, 0.19)
-        out.append(_Item(NOUN_SHAPES[noun], _jitter(rng, PALETTE[colour]), radius, radius * rng.uniform(0.7, 1.3)))
+        out.append(
+            _SceneObject(NOUN_SHAPES[noun], _jitter(rng, PALETTE[colour]), radius, radius * rng.uniform(0.7, 1.3))
+        )
     return out
 
 
@@ -489,7 +493,7 @@ def render_frames(
     if len(placeholders) != pair.num_objects:
         raise ConfigError(f"synth: template {template!r} takes {pair.num_objects} placeholders, got {placeholders!r}")
     rng = np.random.default_rng(list(seed))
-    items = _items(rng, height_px, placeholders)
+    items = _objects_from_placeholders(rng, height_px, placeholders)
     backdrop = _backdrop(rng, height_px, [i.rgb for i in items] + [HAND_RGB], pair.textured)
     poses = pair.motion(rng, height_px, width_px, items, num_frames)
     frames = np.stack([_draw(pose, backdrop, (height_px, width_px), rng) for pose in poses])

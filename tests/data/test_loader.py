@@ -7,7 +7,9 @@ import json
 import pickle
 import shutil
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ from ssv2prep.data.loader import (
     build_train_loader,
 )
 from ssv2prep.data.sampling import SamplingSpec, segment_centre_indices
-from ssv2prep.data.source import iter_samples, resolve_source, tar_members
+from ssv2prep.data.source import _TarReader, iter_samples, resolve_source
 from ssv2prep.errors import ConfigError, ShardError
 from ssv2prep.prep.shard import WriterSettings
 
@@ -539,6 +541,13 @@ def test_finisher_shapes(shards: Path) -> None:
     assert ClipFinisher(True, T, 32, 40)(train_req).shape == (T, 3, 32, 32)
     test_req = ClipPlanner(SamplingSpec("test", T, clips=2))(sample, rng)
     assert ClipFinisher(False, T, 32, 40, crops=5, full_res=True)(test_req).shape == (10, T, 3, 40, 40)
+
+
+def tar_members(stream: IO[bytes]) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every regular file of a tar stream, read by the loader's tar reader."""
+    reader = _TarReader(stream)
+    while (member := reader.next_member()) is not None:
+        yield member[0], reader.read_data()
 
 
 def test_tar_reader_matches_tarfile_for_long_and_pax_names(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from ssv2prep.models.shift import (
     SHIFT_ALL,
     SMALL_TENSOR_NUMEL,
     TemporalShift,
-    set_shift_impl,
     shift_modules,
     shift_split,
     temporal_shift,
@@ -196,12 +195,11 @@ def test_temporal_shift_module_wraps_net_as_net():
     x = torch.randn(2 * 4, 16, 3, 3)
     expected = conv(_formula_shift(x, 4, 8, "unidirectional"))
     assert torch.allclose(module(x), expected, atol=1e-6)
-    parent = nn.Sequential(module)
-    assert set_shift_impl(parent, "zeros_copy") == 1
-    assert shift_modules(parent)[0].impl == "zeros_copy"
-    assert torch.allclose(parent(x), expected, atol=1e-6)
+    copying = TemporalShift(conv, num_segments=4, fold_div=8, mode="unidirectional", impl="zeros_copy")
+    assert shift_modules(nn.Sequential(copying)) == [copying]
+    assert torch.allclose(copying(x), expected, atol=1e-6)
     with pytest.raises(ConfigError, match="implementation"):
-        set_shift_impl(parent, "cuda_kernel")
+        TemporalShift(conv, num_segments=4, fold_div=8, mode="unidirectional", impl="cuda_kernel")
 
 
 def test_shift_bench_structure_and_ratios():
