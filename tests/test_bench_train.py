@@ -19,7 +19,7 @@ from ssv2prep.train.report import read_metrics
 
 
 def _bench(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "ssv2prep", "-q", "bench", "train", *args]
+    cmd = [sys.executable, "-m", "ssv2prep", "bench", "train", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=cwd, check=False)
 
 

@@ -311,7 +311,7 @@ def _cli(*args: object) -> tuple[int, str, str]:
 
     from ssv2prep.cli import main
 
-    result = CliRunner().invoke(main, ["-q", "report", *map(str, args)], catch_exceptions=False)
+    result = CliRunner().invoke(main, ["report", *map(str, args)], catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
 
 

@@ -31,7 +31,7 @@ BUSY_SHARDS = 4 * 7 + 4
 
 
 def ssv2prep(*args: object, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "ssv2prep", "-q", *map(str, args)]
+    argv = [sys.executable, "-m", "ssv2prep", *map(str, args)]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
