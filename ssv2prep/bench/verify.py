@@ -65,7 +65,7 @@ class VerifyBenchConfig:
         for flag, value, low in (
             ("--videos", self.num_videos, 1),
             ("--frames", self.frames, 1),
-            ("--repeat", self.repeats, 1),
+            ("--repeats", self.repeats, 1),
             ("--workers", self.workers, 0),
             ("--videos-per-shard", self.videos_per_shard, 0),
         ):

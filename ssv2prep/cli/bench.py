@@ -9,6 +9,14 @@ import click
 
 from ssv2prep.cli.app import console, emit_json, int_list, jpeg_encoder_option, main, out, progress_bars, split_list
 
+_json_option = click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the results as JSON.",
+)
+
 
 @main.group()
 def bench() -> None:
@@ -36,13 +44,7 @@ def bench() -> None:
     default=None,
     help="Scratch folder (default: a temp folder, removed afterwards).",
 )
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write the results as JSON.",
-)
+@_json_option
 def bench_shard(
     videos_dir: Path | None,
     num_videos: int,
@@ -89,20 +91,14 @@ def bench_shard(
 @click.option("--height", type=int, default=240, show_default=True, help="Height of synthesized videos.")
 @click.option("--videos-per-shard", type=int, default=0, show_default=True, help="0 = enough shards for 8 per worker.")
 @click.option("--workers", type=int, default=0, show_default=True, help="Workers to compare with 1 (0 = all cores).")
-@click.option("--repeat", "repeats", type=int, default=3, show_default=True, help="Interleaved runs; medians.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Interleaved runs; medians.")
 @click.option(
     "--work-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Keep the generated shards under this folder, reused by the next run (default: a temp folder, removed).",
 )
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write the results as JSON.",
-)
+@_json_option
 def bench_verify(
     shards_dir: Path | None,
     num_videos: int,
@@ -119,7 +115,7 @@ def bench_verify(
     \b
     Examples:
       ssv2prep bench verify --videos 200 --workers 2 --json bench-verify.json
-      ssv2prep bench verify --shards shards --repeat 5
+      ssv2prep bench verify --shards shards --repeats 5
     """
     from ssv2prep.bench.verify import VerifyBenchConfig, format_verify_bench, run_verify_bench
 
@@ -154,7 +150,7 @@ def bench_verify(
 @click.option("--segments", type=int, default=8, show_default=True)
 @click.option("--crop", type=int, default=224, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True, help="Interleaved repetitions (best is kept).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@_json_option
 def bench_loader(
     shard_index: Path | None,
     num_clips: int,
@@ -202,7 +198,7 @@ def bench_loader(
     default=None,
     help="Allocator modes to time, e.g. kept,system (default: the one this process runs with, see --malloc).",
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@_json_option
 def bench_shift(
     backbones: str,
     segments: int,
@@ -263,7 +259,7 @@ def bench_shift(
     default=None,
     help="Keep the generated shards and runs under this folder (default: a temp folder, removed afterwards).",
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@_json_option
 def bench_train(
     device: str,
     steps: int,

@@ -30,7 +30,7 @@ def test_bench_verify_json_counts_and_ratios(tiny_shards: Path, tmp_path: Path) 
     shards, frames = count_tars(tiny_shards)
     workers = min(2, len(os.sched_getaffinity(0)))
     json_path = tmp_path / "bench-verify.json"
-    args = ["--shards", str(tiny_shards), "--workers", str(workers), "--repeat", "2", "--json", str(json_path)]
+    args = ["--shards", str(tiny_shards), "--workers", str(workers), "--repeats", "2", "--json", str(json_path)]
     result = CliRunner().invoke(main, ["bench", "verify", *args])
     assert result.exit_code == 0, result.output
     data = json.loads(json_path.read_text())
@@ -61,7 +61,7 @@ def test_bench_verify_json_counts_and_ratios(tiny_shards: Path, tmp_path: Path) 
 def test_bench_verify_refuses_bad_options(tiny_shards: Path) -> None:
     with pytest.raises(ConfigError, match="cores"):
         run_verify_bench(VerifyBenchConfig(shards_dir=tiny_shards, workers=4096))
-    with pytest.raises(ConfigError, match="--repeat must be >= 1"):
+    with pytest.raises(ConfigError, match="--repeats must be >= 1"):
         run_verify_bench(VerifyBenchConfig(shards_dir=tiny_shards, repeats=0))
     result = CliRunner().invoke(main, ["bench", "verify", "--shards", str(tiny_shards), "--frames", "0"])
     assert result.exit_code != 0 and "--frames must be >= 1" in result.output and "Traceback" not in result.output
