@@ -165,4 +165,3 @@ def test_a_nan_run_names_the_step_and_leaves_no_checkpoint_of_nan_weights(tiny_s
     if last.exists():
         weights = torch.load(last, weights_only=True)["model"]
         assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
-    print(every.value)
