@@ -82,8 +82,8 @@ class ProcessJob:
 # ------------------------------------------------------------------------------------------------------- inputs
 def _synth_index(work: Path, num_videos: int, seed: int) -> Path:
     """A small synthetic train split at 256 px high (the official extraction size), sharded; its index path."""
-    from ssv2prep.prep.prepare import ShardConfig, shard_dataset
-    from ssv2prep.prep.synth import SynthConfig, synthesize
+    from ssv2prep.bench.data import synth_shards
+    from ssv2prep.prep.synth import SynthConfig
 
     per_class = max(1, -(-num_videos // 4))
     scfg = SynthConfig(
@@ -96,19 +96,7 @@ def _synth_index(work: Path, num_videos: int, seed: int) -> Path:
         max_frames=48,
         seed=seed,
     )
-    synth = synthesize(work / "synth", scfg)
-    out = work / "shards"
-    shard_dataset(
-        ShardConfig(
-            videos_dir=synth.videos_dir,
-            labels_dir=synth.labels_dir,
-            out_dir=out,
-            splits=("train",),
-            videos_per_shard=2,
-            workers=1,
-        )
-    )
-    return out / "ssv2-train.json"
+    return synth_shards(work, scfg, videos_per_shard=2) / "ssv2-train.json"
 
 
 def _write_frame_folders(urls: Sequence[str], frames_dir: Path) -> dict[str, list[tuple[str, int]]]:

@@ -169,15 +169,17 @@ def _epoch_plan(steps: int, cap: int) -> tuple[int, int]:
 def make_data(work: Path, sizes: Sizes, *, steps_per_epoch: int, seed: int, workers: int = 1) -> dict[str, Any]:
     """Synthesize and shard a dataset: a train split of at least `steps_per_epoch * batch` videos (up to 16
     shards) and a 4-video validation split in one shard. Returns the index paths and video counts."""
-    from ssv2prep.prep.prepare import ShardConfig, shard_dataset
-    from ssv2prep.prep.synth import SynthConfig, synthesize
+    from ssv2prep.bench.data import synth_shards
+    from ssv2prep.prep.synth import SynthConfig
 
     classes = 2 * NUM_PAIRS
     train_videos = steps_per_epoch * sizes.batch_size
     per_class = -(-train_videos // classes)
     frames = max(sizes.segments, 8)
-    synth = synthesize(
-        work / "synth",
+    # one validation shard (so a second rank gets none), and train shards enough for the loader's worker slots
+    per_shard = max(classes, -(-per_class * classes // 16))
+    out = synth_shards(
+        work,
         SynthConfig(
             num_pairs=NUM_PAIRS,
             train_per_class=per_class,
@@ -188,20 +190,10 @@ def make_data(work: Path, sizes: Sizes, *, steps_per_epoch: int, seed: int, work
             max_frames=3 * frames,
             seed=seed,
         ),
-    )
-    out = work / "shards"
-    # one validation shard (so a second rank gets none), and train shards enough for the loader's worker slots
-    per_shard = max(classes, -(-per_class * classes // 16))
-    shard_dataset(
-        ShardConfig(
-            videos_dir=synth.videos_dir,
-            labels_dir=synth.labels_dir,
-            out_dir=out,
-            splits=("train", "validation"),
-            videos_per_shard=per_shard,
-            workers=workers,
-            max_failed_fraction=0.0,
-        )
+        splits=("train", "validation"),
+        videos_per_shard=per_shard,
+        workers=workers,
+        max_failed_fraction=0.0,
     )
     return {
         "train": str(out / "ssv2-train.json"),

@@ -75,13 +75,14 @@ class VerifyBenchConfig:
 
 def _make_shards(work: Path, cfg: VerifyBenchConfig, workers: int) -> Path:
     """Synthesize `num_videos` train videos of `frames` frames and shard them (8 shards per worker by default)."""
-    from ssv2prep.prep.prepare import ShardConfig, shard_dataset
+    from ssv2prep.bench.data import synth_shards
     from ssv2prep.prep.shard import WriterSettings
-    from ssv2prep.prep.synth import SynthConfig, synthesize
+    from ssv2prep.prep.synth import SynthConfig
 
     per_class = math.ceil(cfg.num_videos / 8)
-    synth = synthesize(
-        work / "synth",
+    per_shard = cfg.videos_per_shard or max(1, math.ceil(8 * per_class / (8 * workers)))
+    return synth_shards(
+        work,
         SynthConfig(
             num_pairs=4,
             train_per_class=per_class,
@@ -92,21 +93,10 @@ def _make_shards(work: Path, cfg: VerifyBenchConfig, workers: int) -> Path:
             max_frames=cfg.frames,
             seed=cfg.seed,
         ),
+        videos_per_shard=per_shard,
+        workers=workers,
+        writer=WriterSettings(short_side=cfg.short_side),
     )
-    out = work / "shards"
-    per_shard = cfg.videos_per_shard or max(1, math.ceil(8 * per_class / (8 * workers)))
-    shard_dataset(
-        ShardConfig(
-            videos_dir=synth.videos_dir,
-            labels_dir=synth.labels_dir,
-            out_dir=out,
-            splits=("train",),
-            videos_per_shard=per_shard,
-            workers=workers,
-            writer=WriterSettings(short_side=cfg.short_side),
-        )
-    )
-    return out
 
 
 def _shard_paths(folder: Path) -> list[Path]:
