@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as torch_dist
 
-from ssv2prep.errors import ConfigError
+from ssv2prep.errors import ConfigError, Ssv2PrepError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,3 +150,24 @@ def barrier(info: DistInfo) -> None:
     """Wait for every rank."""
     if info.distributed:
         torch_dist.barrier()
+
+
+def on_main(info: DistInfo, what: str, fn: Callable[[], T]) -> T | None:
+    """Run `fn` on rank 0 only (it writes the files) and let every rank know whether it worked.
+
+    When it fails, rank 0 raises its error and the other ranks stop at once with a pointer to it, instead of
+    waiting at the next collective until the timeout. An OSError becomes one line naming the path."""
+    error: BaseException | None = None
+    result = None
+    if info.is_main:
+        try:
+            result = fn()
+        except (Ssv2PrepError, OSError) as exc:
+            error = exc
+    if all_ok(error is None, info):
+        return result
+    if error is None:
+        raise Ssv2PrepError(f"rank 0 failed to {what} (its error is in its log); stopping")
+    if isinstance(error, OSError):
+        raise Ssv2PrepError(f"{error.filename or '--out'}: cannot {what} ({error.strerror or error})") from error
+    raise error

@@ -28,7 +28,7 @@ from torch import nn
 
 from ssv2prep.errors import CheckpointError, ConfigError, ShardError
 from ssv2prep.fsutil import atomic_write_bytes, make_temp
-from ssv2prep.train.dist import DistInfo, all_ok, broadcast_object, init_distributed, teardown
+from ssv2prep.train.dist import DistInfo, broadcast_object, init_distributed, on_main, teardown
 from ssv2prep.train.loop import StepContext, evaluate
 from ssv2prep.train.metrics import EvalMetrics, video_metrics
 from ssv2prep.train.report import markdown_table
@@ -499,14 +499,9 @@ def _evaluate_all(
                 "precision": precision,
             }
         )
-    error: ConfigError | None = None
-    if info.is_main and first is not None:
-        try:
-            _write_all(_report_files(cfg, rows, first, classes))
-        except ConfigError as exc:
-            error = exc
-    # Every rank leaves with rank 0's outcome: the others do not exit (and tear the process group down) while
-    # rank 0 is still writing, and a failed write fails the whole job, not rank 0 alone.
-    if not all_ok(error is None, info):
-        raise error or ConfigError("rank 0 could not write the reports (its error is in its log)")
+    if first is not None:
+        # Every rank leaves with rank 0's outcome: the others do not exit (and tear the process group down) while
+        # rank 0 is still writing, and a failed write fails the whole job, not rank 0 alone.
+        written = first
+        on_main(info, "write the reports", lambda: _write_all(_report_files(cfg, rows, written, classes)))
     return rows

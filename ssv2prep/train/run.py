@@ -12,22 +12,22 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from ssv2prep.errors import CheckpointError, ConfigError, Ssv2PrepError
+from ssv2prep.errors import CheckpointError, ConfigError
 from ssv2prep.fsutil import atomic_write_json, make_temp
 from ssv2prep.train.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ssv2prep.train.config import TrainConfig
 from ssv2prep.train.dist import (
     DistInfo,
     all_gather_objects,
-    all_ok,
     barrier,
     broadcast_object,
     init_distributed,
+    on_main,
     teardown,
 )
 from ssv2prep.train.loop import StepContext, evaluate, sum_meter, train_one_epoch
@@ -61,7 +61,6 @@ FREE_KEYS = frozenset(
     }
 )
 NOTED_KEYS = frozenset({"optim.epochs"})  # allowed (training longer is common), but said and kept in the history
-T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -213,27 +212,6 @@ def _checkpoint_state(p: _Parts, at: FitState, rngs: list[dict[str, Any]]) -> di
     }
 
 
-def _on_main(info: DistInfo, what: str, fn: Callable[[], T]) -> T | None:
-    """Run `fn` on rank 0 only (it writes the files) and let every rank know whether it worked.
-
-    When it fails, rank 0 raises its error and the other ranks stop at once with a pointer to it, instead of
-    waiting at the next collective until the timeout. An OSError becomes one line naming the path."""
-    error: BaseException | None = None
-    result = None
-    if info.is_main:
-        try:
-            result = fn()
-        except (Ssv2PrepError, OSError) as exc:
-            error = exc
-    if all_ok(error is None, info):
-        return result
-    if error is None:
-        raise Ssv2PrepError(f"rank 0 failed to {what} (its error is in its log); stopping")
-    if isinstance(error, OSError):
-        raise Ssv2PrepError(f"{error.filename or '--out'}: cannot {what} ({error.strerror or error})") from error
-    raise error
-
-
 def _peek(path: Path) -> tuple[int, int] | str:
     """(epoch, global_step) of the checkpoint at `path` as this rank sees it, or why there is none."""
     if not path.is_file():
@@ -260,7 +238,7 @@ def _resume_checkpoint(cfg: TrainConfig, info: DistInfo, classes: list[str], bas
         atomic_write_json(cfg.out / "config.json", cfg.to_dict() | {"classes": classes, "base_lr": base_lr} | history)
         return ckpt
 
-    ckpt = _on_main(info, "write the run folder", decide)
+    ckpt = on_main(info, "write the run folder", decide)
     if not info.distributed:
         return ckpt
     mine = _peek(path) if not info.is_main else None
@@ -481,7 +459,7 @@ def _build_parts(cfg: TrainConfig, info: DistInfo, emit: Callable[[str, dict[str
     dtype = amp_dtype(cfg.runtime.amp, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=dtype == torch.float16)
     ckpt = _resume_checkpoint(cfg, info, classes, base_lr)
-    metrics = _on_main(info, "write the run folder", lambda: MetricsLog(cfg.out)) or MetricsLog(cfg.out, enabled=False)
+    metrics = on_main(info, "write the run folder", lambda: MetricsLog(cfg.out)) or MetricsLog(cfg.out, enabled=False)
     state = _resume(
         ckpt,
         model,
@@ -636,4 +614,4 @@ def _save_checkpoint(p: _Parts, at: FitState, *, best: bool, plots: bool) -> Non
         if plots:
             plot_run(p.cfg.out)
 
-    _on_main(p.info, "save the checkpoint", write)
+    on_main(p.info, "save the checkpoint", write)
