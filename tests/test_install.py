@@ -189,10 +189,13 @@ def test_installed_wheel_runs_the_readme_commands_from_an_empty_folder(tmp_path:
     code, _, stderr = cli(["run", "--dry-run", "ssv2-tsm-r50-9f"])
     assert code == 2 and "shipped pipelines: demo, ssv2-shift-study, ssv2-tsm-r50-8f" in one_error_line(stderr)
 
-    # the demo, at its smallest, with every stage a process of the installed package
+    # the demo, at its smallest, with every stage a process of the installed package (the one end-to-end run of
+    # the demo in the suite: tests/test_demo.py checks its report's parts)
     code, stdout, stderr = cli(["demo", "--small", "--out", "demo"])
     assert code == 0, stderr
     out = work / "demo"
+    for part in sorted((out / "synth/package").glob("20bn-*")):  # the parts came over HTTP byte for byte
+        assert (out / "download" / part.name).read_bytes() == part.read_bytes()
     index = json.loads((out / "shards/ssv2-validation.json").read_text())
     assert index["num_samples"] == 8 and index["num_classes"] == 4
     records = {p.stem: json.loads(p.read_text()) for p in (out / ".pipeline/demo").glob("*.json")}
@@ -201,4 +204,14 @@ def test_installed_wheel_runs_the_readme_commands_from_an_empty_folder(tmp_path:
         + [f"{stage}@{v}" for stage in ("train", "eval", "eval-test") for v in ("tsm", "tsn")]
     )
     assert {r["argv"][0] for r in records.values()} == {str(bin_dir / "python")}
-    assert (out / "report.md").is_file() and f"report: {out.relative_to(work)}/report.md" in stdout
+    assert f"report: {out.relative_to(work)}/report.md" in stdout
+    report = (out / "report.md").read_text()  # it states what the eval reports say
+    for variant in ("tsm", "tsn"):
+        val = json.loads((out / f"demo/{variant}/eval/report.json").read_text())["settings"][0]
+        test = json.loads((out / f"demo/{variant}/eval-test/report.json").read_text())["settings"][0]
+        assert val["videos"] == 8 and test["videos"] == 8
+        assert f"| {variant} |" in report and f"| {val['top1']:.1f} | {test['top1']:.1f} |" in report
+        assert (out / f"demo/{variant}/loss.png").is_file()
+    assert (out / "demo/comparison.png").is_file() and (out / "demo/comparison.csv").is_file()
+    code, _, stderr = cli(["demo", "--small", "--out", "demo"])  # a second run skips every finished stage
+    assert code == 0 and stderr.count("(done)") >= 10, stderr
