@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ssv2prep-installed
 DEMO_OUT ?= demo-out
+# Test processes (pytest-xdist): one per core by default; TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= logical
 # The GPU check. `make gpu-bundle` (here, with the registry) collects the wheels a GPU machine without network lacks;
 # `make gpu-check` (there) installs them beside that machine's own torch and runs `ssv2prep bench train`.
 GPU_BUNDLE ?= gpu-bundle
@@ -29,10 +31,10 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

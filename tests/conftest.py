@@ -1,11 +1,17 @@
 """Shared pytest set-up: tests/ on sys.path (so helpers import by name) and session-wide generated data."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one test process per core (pytest-xdist): one compute thread each, and in the commands they
+    # start, so that two torch thread pools do not spin against each other on the same cores (set before torch loads)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from fixtures import TINY, make_shards, make_synth
 
