@@ -481,7 +481,10 @@ def _ffmpeg_frames(path: Path, probed: ProbedVideo) -> Iterator[Any]:
         .global_args("-nostdin", "-loglevel", "error", "-threads", "1")
         .compile(cmd=ffmpeg_binary())
     )
-    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+    # A process group of its own: a terminal's Ctrl-C goes to the whole foreground group, and an ffmpeg that got it
+    # would stop mid-video, turning a good video into a decode error that a resumed run trusts. The stage stops it
+    # by stopping this process: its pipe closes and it ends on the next write.
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         try:
             while data := proc.stdout.read(frame_bytes):

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from fixtures import copy_dataset, read_json, shard_config
 
 from ssv2prep.cli import main
+from ssv2prep.prep.decode import count_video_frames, ffmpeg_binary
 from ssv2prep.prep.prepare import WORK_DIR, ShardConfig, shard_dataset
 from ssv2prep.prep.shard import WriterSettings
 from ssv2prep.prep.synth import SynthConfig, synthesize
@@ -155,6 +156,7 @@ def test_ctrl_c_stops_shard_within_seconds_recording_every_finished_shard(busy, 
         wait_for_records(out, 3, proc)
         members = group_members(proc.pid)
         assert len(members) >= 3  # the command, the forkserver and its workers
+        members |= descendants(proc.pid)  # and the ffmpeg binaries they run (each in a process group of its own)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
         stopped = time.monotonic()
         _, stderr = proc.communicate(timeout=30)
@@ -168,6 +170,36 @@ def test_ctrl_c_stops_shard_within_seconds_recording_every_finished_shard(busy, 
     assert 3 <= len(done) < total, "the run should have stopped part-way"
     result = shard_dataset(busy_config(busy, out))
     assert (result.skipped_shards, len(result.written)) == (len(done), total - len(done))
+
+
+# A pool worker (SIGINT ignored) decodes with the ffmpeg binary; after the first frame, the terminal's Ctrl-C
+# reaches its whole process group; it reads on to the end and prints how many frames it got.
+CTRL_C_MID_DECODE = """
+import os, signal, sys
+from pathlib import Path
+from ssv2prep.prep.decode import FRAME_READERS
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+_, frames = FRAME_READERS["ffmpeg"](Path(sys.argv[1]))
+count = 0
+for _ in frames:
+    if count == 0:
+        os.killpg(0, signal.SIGINT)
+    count += 1
+print(count)
+"""
+
+
+def test_ctrl_c_does_not_reach_the_ffmpeg_binary_a_worker_decodes_with(tmp_path: Path) -> None:
+    """Ctrl-C goes to every process of the terminal's foreground group. Were the worker's ffmpeg among them, it
+    would stop mid-video and the worker would record a good video as a decode error, which a resumed run trusts."""
+    video = tmp_path / "clip.webm"
+    make = ["-f", "lavfi", "-i", "testsrc=size=320x240:rate=25", "-t", "2", "-c:v", "libvpx-vp9", "-b:v", "300k"]
+    subprocess.run([ffmpeg_binary(), "-nostdin", "-loglevel", "error", *make, str(video)], check=True, timeout=120)
+    _, frames = count_video_frames(video)  # PyAV's count; 50 raw frames of 115 KB are far more than a pipe holds
+    cmd = [sys.executable, "-c", CTRL_C_MID_DECODE, str(video)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, start_new_session=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout) == frames == 50
 
 
 def test_sigterm_stops_shard_and_its_workers_and_a_second_run_is_refused(busy, tmp_path: Path) -> None:
