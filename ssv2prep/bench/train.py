@@ -5,16 +5,18 @@ Variants: precision (fp32, fp16 with a GradScaler, bf16) x `torch.compile` (off,
 default), plus bf16 without channels_last and bf16 with GPU JPEG decode (`DataConfig.gpu_decode`). A variant the
 device cannot run is a SKIP row that says why (on CPU only fp32 eager runs: the trainer autocasts on CUDA only).
 
-Per row: steps run, first / last loss (means of the first and last `LOSS_WINDOW` steps), all losses finite, the
-loss falling (last < first), clips/s and the share of step time spent waiting for data (from the run's
-`metrics.jsonl`, after `WARMUP_STEPS` warm-up steps), and the host syncs per step (eager rows).
+Per row: steps run, first / last loss (the first and last train records: the runs log every `LOG_EVERY` steps,
+so each is a mean over up to that many steps), all losses finite, the loss falling (last < first), clips/s and the
+share of step time spent waiting for data (from the run's `metrics.jsonl`, over the log windows after `WARMUP_STEPS`
+warm-up steps), and the host syncs per step (eager rows).
 
-Host syncs: the training loop reads the loss (finiteness check, logs) and the accuracy on the host every step on
-purpose, so `torch.cuda.set_sync_debug_mode("error")` would stop every run. The check runs eager rows under mode
-"warn" instead and records each warning with the Python line that caused it. Syncs from `ssv2prep/train/` (those
-deliberate reads) and `torch/amp/` (the fp16 GradScaler's inf check) are expected, and in the GPU-decode row also
-those of the loader's decode and torchvision (nvjpeg runs in the training process there); any other is unexpected
-and fails the row.
+Host syncs: the training loop reads its device-side loss and accuracy on the host only at sync points (every
+`log_every` steps, an epoch's first step, mid-epoch checkpoints, the epoch's end; `fit`'s step events say which
+steps synced). The check runs eager rows under `torch.cuda.set_sync_debug_mode("warn")` and records each warning with
+the Python line that caused it. Expected: syncs from `ssv2prep/train/` in a step that synced (those reads, and the
+epoch's end, which falls into the next epoch's first step), from `torch/amp/` in any step (the fp16 GradScaler's inf
+check), and in the GPU-decode row those of the loader's decode and torchvision (nvjpeg runs in the training process
+there). Any other sync, including one from `ssv2prep/train/` between sync points, is unexpected and fails the row.
 
 Eval parity: the fp32 eager run's checkpoint, loaded for evaluation, scores the same validation clips on CPU in fp32
 and on the device in fp32 (PyTorch's default TF32 setting for convolutions); it passes when
@@ -50,12 +52,13 @@ from ssv2prep.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-LOSS_WINDOW = 5
+LOG_EVERY = 5  # the runs' log_every: most steps do not sync, so a sync between sync points shows
 WARMUP_STEPS = 5
 PARITY_RTOL = 1e-2
 PARITY_VIDEOS = 8
 SYNC_MESSAGE = "synchronizing CUDA operation"
-EXPECTED_SYNC_PLACES = ("ssv2prep/train/", "torch/amp/")
+EXPECTED_SYNC_PLACES = ("torch/amp/",)  # in any step
+SYNC_POINT_PLACES = ("ssv2prep/train/",)  # in steps that synced
 GPU_DECODE_SYNC_PLACES = ("ssv2prep/data/loader.py", "torchvision/")
 DDP_TIMEOUT_S = 180
 NUM_PAIRS = 2  # 4 classes
@@ -229,7 +232,7 @@ def _train_config(cfg: TrainBenchConfig, sizes: Sizes, data: dict[str, Any], v: 
             amp=v.amp,
             channels_last=v.channels_last if cfg.device == "cuda" else False,
             compile=v.compile,
-            log_every=1,
+            log_every=LOG_EVERY,
             eval_every=epochs,
             seed=cfg.seed,
         ),
@@ -257,21 +260,23 @@ def variant_skip_reason(v: Variant, device: str, *, compile_rows: bool) -> str |
 
 class SyncRecorder:
     """Host syncs per training step under `torch.cuda.set_sync_debug_mode("warn")`, by the Python line that caused
-    them. `on_event` is `fit`'s event callback: each "step" event closes one step's count."""
+    them. `on_event` is `fit`'s event callback: each "step" event closes one step's count and says whether that step
+    was a sync point of the loop."""
 
     def __init__(self, expected: tuple[str, ...] = EXPECTED_SYNC_PLACES) -> None:
         self.expected = expected
         self.caught: list[warnings.WarningMessage] = []
-        self.per_step: list[list[str]] = []
+        self.per_step: list[tuple[bool, list[str]]] = []  # (synced, places)
         self._mark = 0
 
-    def on_event(self, kind: str, _data: dict[str, Any]) -> None:
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "start":
             self._mark = len(self.caught)
         elif kind == "step":
             step = self.caught[self._mark :]
             self._mark = len(self.caught)
-            self.per_step.append([_place(w) for w in step if SYNC_MESSAGE in str(w.message)])
+            places = [_place(w) for w in step if SYNC_MESSAGE in str(w.message)]
+            self.per_step.append((bool(data["synced"]), places))
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
@@ -285,16 +290,24 @@ class SyncRecorder:
             finally:
                 torch.cuda.set_sync_debug_mode(previous)
 
+    def _is_expected(self, place: str, synced: bool) -> bool:
+        return any(e in place for e in self.expected) or (synced and any(e in place for e in SYNC_POINT_PLACES))
+
     def summary(self, warmup: int) -> dict[str, Any]:
+        """Counts over the steps after `warmup`: syncs and unexpected syncs per step, by place, and how many of the
+        counted steps were not sync points (the steps where the loop itself must not sync)."""
         steady = self.per_step[warmup:] or self.per_step
         places: dict[str, int] = {}
-        for step in steady:
+        unexpected: dict[str, int] = {}
+        for synced, step in steady:
             for place in step:
                 places[place] = places.get(place, 0) + 1
-        unexpected = {p: n for p, n in places.items() if not any(e in p for e in self.expected)}
+                if not self._is_expected(place, synced):
+                    unexpected[place] = unexpected.get(place, 0) + 1
         n = max(1, len(steady))
         return {
             "steps_counted": len(steady),
+            "steps_between_syncs": sum(not synced for synced, _ in steady),
             "syncs_per_step": sum(places.values()) / n,
             "unexpected_per_step": sum(unexpected.values()) / n,
             "places": places,
@@ -311,26 +324,41 @@ def _place(w: warnings.WarningMessage) -> str:
     return f"{path}:{w.lineno}"
 
 
-def summarize_metrics(records: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
-    """The row's numbers from a run's `metrics.jsonl` records (train records, one per step)."""
+def log_windows(records: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int, int]]:
+    """Each train record of a run's `metrics.jsonl` with the first step and the number of steps its log window
+    covers: the steps since the previous train record of its epoch, or since the epoch's first step."""
+    epoch_steps = {r["epoch"]: r["steps"] for r in records if r["kind"] == "epoch"}
     train = sorted((r for r in records if r["kind"] == "train"), key=lambda r: r["step"])
-    losses = [float(r["loss"]) for r in train]
-    k = max(1, min(LOSS_WINDOW, len(losses) // 2))
+    windows, last_step = [], {}
+    for r in train:
+        epoch = r["epoch"]
+        first = last_step[epoch] + 1 if epoch in last_step else sum(n for e, n in epoch_steps.items() if e < epoch)
+        windows.append((r, first, r["step"] - first + 1))
+        last_step[epoch] = r["step"]
+    return windows
+
+
+def summarize_metrics(records: list[dict[str, Any]], batch_size: int) -> dict[str, Any]:
+    """The row's numbers from a run's `metrics.jsonl` records (train records: one per log window, epoch records)."""
+    windows = log_windows(records)
+    losses = [float(r["loss"]) for r, _, _ in windows]
     finite = bool(losses) and all(math.isfinite(x) for x in losses)
-    first = sum(losses[:k]) / k if losses else math.nan
-    last = sum(losses[-k:]) / k if losses else math.nan
-    timed = train[WARMUP_STEPS:] if len(train) > WARMUP_STEPS else train
-    seconds = [batch_size / r["clips_per_s"] for r in timed if r["clips_per_s"] > 0]
+    first = losses[0] if losses else math.nan
+    last = losses[-1] if losses else math.nan
+    timed = [(r, n) for r, first_step, n in windows if first_step >= WARMUP_STEPS and r["clips_per_s"] > 0]
+    timed = timed or [(r, n) for r, _, n in windows if r["clips_per_s"] > 0]
+    clips = [n * batch_size for _, n in timed]
+    seconds = [c / r["clips_per_s"] for (r, _), c in zip(timed, clips, strict=True)]
     total = sum(seconds)
-    wait = sum(r["data_wait"] * s for r, s in zip(timed, seconds, strict=False))
+    wait = sum(r["data_wait"] * t for (r, _), t in zip(timed, seconds, strict=True))
     evals = [r for r in records if r["kind"] == "eval"]
     return {
-        "steps": len(train),
+        "steps": int(sum(r["steps"] for r in records if r["kind"] == "epoch")),
         "first_loss": first,
         "last_loss": last,
         "finite": finite,
         "decreasing": finite and last < first,
-        "clips_per_s": len(seconds) * batch_size / total if total > 0 else math.nan,
+        "clips_per_s": sum(clips) / total if total > 0 else math.nan,
         "data_wait": wait / total if total > 0 else math.nan,
         "eval_videos": evals[-1]["videos"] if evals else None,
     }
