@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -195,8 +194,11 @@ def shard_jpegs(shards: Path, name: str) -> list[bytes]:
 
 
 def error_text(exc: BaseException) -> str:
-    """The error's type and message, without the object addresses PIL puts in some ("<_io.BytesIO object at 0x..>")."""
-    return re.sub(r" at 0x[0-9a-f]+", "", f"{type(exc).__name__}: {exc}")
+    """The error's type and message; for bytes PIL cannot identify the type alone, as `verify` reports it (that
+    message names the in-memory stream by its address, which differs between processes)."""
+    from PIL import UnidentifiedImageError
+
+    return type(exc).__name__ if isinstance(exc, UnidentifiedImageError) else f"{type(exc).__name__}: {exc}"
 
 
 def full_decode_error(data: bytes) -> str | None:
