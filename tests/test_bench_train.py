@@ -13,7 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssv2prep.bench.train import LOG_EVERY, SYNC_MESSAGE, WARMUP_STEPS, SyncRecorder, summarize_metrics
+from ssv2prep.bench.train import (
+    LOG_EVERY,
+    SYNC_MESSAGE,
+    VARIANTS,
+    WARMUP_STEPS,
+    SyncRecorder,
+    log_every_for,
+    summarize_metrics,
+    variant_skip_reason,
+)
 from ssv2prep.train.report import read_metrics
 
 
@@ -127,3 +136,16 @@ def test_summary_windows_are_the_steps_since_the_last_record_of_the_epoch() -> N
     records[2] = train(7, 2, float("nan"), 4.0, 0.5)
     s = summarize_metrics(records, batch_size=4)
     assert s["finite"] is False and s["decreasing"] is False
+
+
+def test_a_short_run_logs_often_enough_for_two_windows() -> None:
+    assert [log_every_for(n) for n in (2, 3, 6, 9, 10, 20, 1000)] == [1, 1, 3, 4, 5, 5, 5]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without CUDA")
+def test_bf16_rows_need_native_bf16_not_emulation() -> None:
+    bf16 = next(v for v in VARIANTS if v.name == "bf16")
+    fp16 = next(v for v in VARIANTS if v.name == "fp16+scaler")
+    reason = variant_skip_reason(bf16, "cuda", compile_rows=True)
+    assert reason == "this GPU has no native bf16 (it would only emulate it)"
+    assert variant_skip_reason(fp16, "cuda", compile_rows=True) is None

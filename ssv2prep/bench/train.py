@@ -49,10 +49,11 @@ from typing import Any
 import torch
 
 from ssv2prep.errors import ConfigError
+from ssv2prep.train.runtime import cuda_has_native_bf16
 
 log = logging.getLogger(__name__)
 
-LOG_EVERY = 5  # the runs' log_every: most steps do not sync, so a sync between sync points shows
+LOG_EVERY = 5  # the runs' log_every (see `log_every_for`): most steps do not sync, so a sync between them shows
 WARMUP_STEPS = 5
 PARITY_RTOL = 1e-2
 PARITY_VIDEOS = 8
@@ -169,6 +170,12 @@ def _epoch_plan(steps: int, cap: int) -> tuple[int, int]:
     return per_epoch, steps // per_epoch
 
 
+def log_every_for(steps: int) -> int:
+    """The runs' `log_every`: `LOG_EVERY`, or fewer for a short run, so that it has two log windows at least (the
+    first and last loss must come from different steps)."""
+    return max(1, min(LOG_EVERY, steps // 2))
+
+
 def make_data(work: Path, sizes: Sizes, *, steps_per_epoch: int, seed: int, workers: int = 1) -> dict[str, Any]:
     """Synthesize and shard a dataset: a train split of at least `steps_per_epoch * batch` videos (up to 16
     shards) and a 4-video validation split in one shard. Returns the index paths and video counts."""
@@ -207,7 +214,9 @@ def make_data(work: Path, sizes: Sizes, *, steps_per_epoch: int, seed: int, work
 
 
 # ------------------------------------------------------------------------------------------------------ runs
-def _train_config(cfg: TrainBenchConfig, sizes: Sizes, data: dict[str, Any], v: Variant, out: Path, epochs: int):
+def _train_config(
+    cfg: TrainBenchConfig, sizes: Sizes, data: dict[str, Any], v: Variant, out: Path, epochs: int, steps: int
+):
     from ssv2prep.data.loader import DataConfig
     from ssv2prep.models.tsm import ModelConfig
     from ssv2prep.train.config import OptimConfig, RuntimeConfig, TrainConfig, default_num_workers
@@ -232,7 +241,7 @@ def _train_config(cfg: TrainBenchConfig, sizes: Sizes, data: dict[str, Any], v: 
             amp=v.amp,
             channels_last=v.channels_last if cfg.device == "cuda" else False,
             compile=v.compile,
-            log_every=LOG_EVERY,
+            log_every=log_every_for(steps),
             eval_every=epochs,
             seed=cfg.seed,
         ),
@@ -253,8 +262,8 @@ def variant_skip_reason(v: Variant, device: str, *, compile_rows: bool) -> str |
         return "--no-compile"
     if v.compile and importlib.util.find_spec("triton") is None:
         return "torch.compile on CUDA needs triton, which is not installed"
-    if v.amp == "bf16" and not torch.cuda.is_bf16_supported():
-        return "this GPU has no bf16"
+    if v.amp == "bf16" and not cuda_has_native_bf16():
+        return "this GPU has no native bf16 (it would only emulate it)"
     return None
 
 
@@ -385,7 +394,7 @@ def run_variant(
     from ssv2prep.train.report import read_metrics
     from ssv2prep.train.run import fit
 
-    tcfg = _train_config(cfg, sizes, data, v, out, epochs)
+    tcfg = _train_config(cfg, sizes, data, v, out, epochs, steps)
     # GPU decode runs nvjpeg in the training process: its syncs are part of that design, not a leak
     expected = EXPECTED_SYNC_PLACES + (GPU_DECODE_SYNC_PLACES if v.gpu_decode else ())
     recorder = SyncRecorder(expected) if cfg.device == "cuda" and not v.compile else None
@@ -452,6 +461,8 @@ def run_ddp(cfg: TrainBenchConfig, sizes: Sizes, data: dict[str, Any], out: Path
     """A 2-process `torchrun` training run (NCCL on CUDA, gloo on CPU) with the 1-shard validation set."""
     from ssv2prep.train.report import read_metrics
 
+    # Each rank runs steps_per_epoch / 2 steps per epoch (the total batch doubles).
+    expected_steps = (data["train_videos"] // (2 * sizes.batch_size)) * epochs
     cmd = [
         sys.executable,
         "-m",
@@ -489,7 +500,7 @@ def run_ddp(cfg: TrainBenchConfig, sizes: Sizes, data: dict[str, Any], out: Path
         "--dropout",
         "0.0",
         "--log-every",
-        "1",
+        str(log_every_for(expected_steps)),
         "--eval-every",
         str(epochs),
         "--device",
@@ -500,12 +511,10 @@ def run_ddp(cfg: TrainBenchConfig, sizes: Sizes, data: dict[str, Any], out: Path
     if cfg.workers is not None:
         cmd += ["--workers", str(cfg.workers)]
     if cfg.device == "cuda":
-        cmd += ["--amp", "bf16" if torch.cuda.is_bf16_supported() else "fp16"]
+        cmd += ["--amp", "auto"]  # bf16 where the GPU has it natively, else fp16 with a loss scaler
     start = time.perf_counter()
     rc, tail = _run_group(cmd, timeout=DDP_TIMEOUT_S)
     records = read_metrics(out / "metrics.jsonl")
-    # Each rank runs steps_per_epoch / 2 steps per epoch (the total batch doubles).
-    expected_steps = (data["train_videos"] // (2 * sizes.batch_size)) * epochs
     row = {
         "variant": f"DDP 2 ranks ({'nccl' if cfg.device == 'cuda' else 'gloo'}), 1-shard val",
         **summarize_metrics(records, sizes.batch_size),

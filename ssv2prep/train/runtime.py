@@ -27,9 +27,15 @@ def choose_amp_dtype(mode: str, device_type: str, *, bf16_native: bool) -> torch
     return torch.float16
 
 
+def cuda_has_native_bf16() -> bool:
+    """Whether the current GPU computes bf16 natively (Ampere and later). `torch.cuda.is_bf16_supported()` alone also
+    says yes where it is only emulated."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
     """`choose_amp_dtype` for this process's device."""
-    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    native = device.type == "cuda" and cuda_has_native_bf16()
     return choose_amp_dtype(mode, device.type, bf16_native=native)
 
 
