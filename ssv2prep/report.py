@@ -56,7 +56,7 @@ from ssv2prep.data.source import RawSample
 from ssv2prep.errors import ConfigError, SampleError, ShardError
 from ssv2prep.fsutil import atomic_write_bytes, atomic_write_text, output_write_error, write_problem
 from ssv2prep.prep.index import read_classes, read_index, read_manifest
-from ssv2prep.prep.plan import DATASET_NAME
+from ssv2prep.prep.plan import DATASET_NAME, manifest_name, stats_name
 from ssv2prep.prep.verify import index_names
 
 log = logging.getLogger(__name__)
@@ -326,7 +326,7 @@ def _read_shard(url: str, keys: set[str], *, metas: bool) -> tuple[list[dict[str
             wanted = key in keys
             if not wanted and not metas and len(found) == len(keys):
                 break
-            if not wanted and suffix != "json":
+            if not wanted and (not metas or suffix != "json"):
                 continue
             fh = tar.extractfile(info)
             data = fh.read() if fh is not None else b""
@@ -384,13 +384,13 @@ def _load_split(folder: _Folder, index_name: str) -> _Split:
     index_url = folder.url(index_name)
     index = read_index(index_url)
     stem = _split_stem(index_name)
-    manifest_name, stats_name = f"{DATASET_NAME}-{stem}.manifest.jsonl", f"{DATASET_NAME}-{stem}.stats.json"
-    entries, from_manifest, notes = [], folder.has(manifest_name), []
+    manifest_file, stats_file = manifest_name(stem), stats_name(stem)
+    entries, from_manifest, notes = [], folder.has(manifest_file), []
     if from_manifest:
-        lines = read_manifest(folder.url(manifest_name))
+        lines = read_manifest(folder.url(manifest_file))
         entries = [_entry_from_manifest(line) for line in lines if isinstance(line, dict)]
     else:
-        notes.append(f"no manifest ({manifest_name}): entries and labels come from the scanned sample JSONs")
+        notes.append(f"no manifest ({manifest_file}): entries and labels come from the scanned sample JSONs")
     return _Split(
         name=_split_name(index_name),
         index_file=index_url,
@@ -398,7 +398,7 @@ def _load_split(folder: _Folder, index_name: str) -> _Split:
         classes=read_classes(index_url, index),
         entries=entries,
         from_manifest=from_manifest,
-        stats=_read_stats(folder.url(stats_name)) if folder.has(stats_name) else None,
+        stats=_read_stats(folder.url(stats_file)) if folder.has(stats_file) else None,
         notes=notes,
         folder=folder,
     )

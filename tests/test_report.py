@@ -564,3 +564,32 @@ def test_contact_sheet_videos_come_from_scanned_shards_first(tmp_path: Path) -> 
         assert chosen == _choose(split, 2, seed, {"a.tar"})  # seeded
         assert _choose(split, 2, seed, every) == _choose(split, 2, seed)  # everything scanned: a plain draw
     assert len({tuple(e.id for e in _choose(split, 2, seed, {"a.tar"})) for seed in range(8)}) > 1
+
+
+def test_a_contact_sheet_read_extracts_only_the_members_of_its_videos(
+    tiny_shards: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the scan's sample JSONs to collect, a shard read for contact-sheet videos extracts their members and
+    nothing else (over S3 each extracted member is a ranged read), and stops after the last of them."""
+    import tarfile
+
+    from ssv2prep import report
+
+    shard = tiny_shards / "ssv2-train-000001.tar"
+    with tarfile.open(shard) as tar:
+        names = tar.getnames()
+    keys = list(dict.fromkeys(n.split(".", 1)[0] for n in names))
+    assert len(keys) == 3
+    extracted: list[str] = []
+    real_extractfile = tarfile.TarFile.extractfile
+
+    def counting_extractfile(self, member):  # the real method, recorded
+        extracted.append(member.name)
+        return real_extractfile(self, member)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", counting_extractfile)
+    metas, samples = report._read_shard(str(shard), {keys[1]}, metas=False)
+    assert metas == [] and list(samples) == [keys[1]]
+    assert extracted == [n for n in names if n.split(".", 1)[0] == keys[1]]
+    with tarfile.open(shard) as tar:
+        assert samples[keys[1]].members["json"] == real_extractfile(tar, f"{keys[1]}.json").read()
