@@ -21,7 +21,7 @@ from typing import Any
 import ssv2prep
 from ssv2prep import storage
 from ssv2prep.errors import ConfigError, ShardError
-from ssv2prep.prep.plan import DATASET_NAME
+from ssv2prep.prep.plan import DATASET_NAME, manifest_name, stats_name
 from ssv2prep.prep.shard import SampleStatus, ShardStats
 
 INDEX_KIND = "wids-shard-index-v1"
@@ -129,9 +129,9 @@ def write_split_files(
     summary = summarize(split, shards)
     lines = [json.dumps(o.to_json(), ensure_ascii=False) for s in shards for o in s.outcomes]
     base = f"{DATASET_NAME}-{split}"
-    storage.write_bytes(storage.join(out_dir, f"{base}.manifest.jsonl"), "".join(x + "\n" for x in lines).encode())
+    storage.write_bytes(storage.join(out_dir, manifest_name(split)), "".join(x + "\n" for x in lines).encode())
     stats = build_stats(summary, shards, wall_seconds=wall_seconds)
-    storage.write_bytes(storage.join(out_dir, f"{base}.stats.json"), json_bytes(stats))
+    storage.write_bytes(storage.join(out_dir, stats_name(split)), json_bytes(stats))
     index = build_index(split, shards, classes=classes, flip_pairs=flip_pairs, settings=settings)
     storage.write_bytes(storage.join(out_dir, f"{base}.json"), json_bytes(index))
     return summary

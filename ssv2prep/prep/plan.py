@@ -38,6 +38,16 @@ def shard_name(split: str, index: int) -> str:
     return f"{DATASET_NAME}-{split}-{index:06d}.tar"
 
 
+def manifest_name(split: str) -> str:
+    """`ssv2-{split}.manifest.jsonl`: every video of the split with its status."""
+    return f"{DATASET_NAME}-{split}.manifest.jsonl"
+
+
+def stats_name(split: str) -> str:
+    """`ssv2-{split}.stats.json`: the split's counts and timings."""
+    return f"{DATASET_NAME}-{split}.stats.json"
+
+
 def _rng(seed: int, *parts: str) -> random.Random:
     # String seeds are hashed with SHA-512 by `random`, so this is stable across runs and Python versions.
     return random.Random("/".join([str(seed), *parts]))

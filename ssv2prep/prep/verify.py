@@ -34,7 +34,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ssv2prep import storage
 from ssv2prep.errors import ConfigError, ShardError
-from ssv2prep.prep.plan import DATASET_NAME
+from ssv2prep.prep.plan import DATASET_NAME, manifest_name, stats_name
 from ssv2prep.workers import cpu_count, worker_pool
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def _check_manifest(
     from ssv2prep.prep.index import read_manifest
 
     split = index["split"]
-    manifest = f"{DATASET_NAME}-{split}.manifest.jsonl"
+    manifest = manifest_name(split)
     if manifest not in names:
         return [f"{manifest}: missing"]
     lines = read_manifest(storage.join(folder, manifest))
@@ -258,12 +258,12 @@ def _check_manifest(
             problems.append(f"{manifest}: entry {line['id']} disagrees with its sample (label or num_frames)")
     if set(seen) - {line["id"] for line in ok}:
         problems.append(f"{manifest}: shards hold samples the manifest does not list as ok")
-    stats_name = f"{DATASET_NAME}-{split}.stats.json"
-    if stats_name in names:
-        stats = json.loads(storage.read_bytes(storage.join(folder, stats_name)))
+    stats_file = stats_name(split)
+    if stats_file in names:
+        stats = json.loads(storage.read_bytes(storage.join(folder, stats_file)))
         status = Counter(line["status"] for line in lines)
         if [stats.get(k) for k in ("ok", "failed", "missing")] != [status[k] for k in ("ok", "failed", "missing")]:
-            problems.append(f"{stats_name}: counts differ from the manifest")
+            problems.append(f"{stats_file}: counts differ from the manifest")
     return problems[:MAX_PROBLEMS_PER_SHARD]
 
 
