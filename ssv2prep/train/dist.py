@@ -155,14 +155,14 @@ def barrier(info: DistInfo) -> None:
 def on_main(info: DistInfo, what: str, fn: Callable[[], T]) -> T | None:
     """Run `fn` on rank 0 only (it writes the files) and let every rank know whether it worked.
 
-    When it fails, rank 0 raises its error and the other ranks stop at once with a pointer to it, instead of
-    waiting at the next collective until the timeout. An OSError becomes one line naming the path."""
-    error: BaseException | None = None
+    When it fails, whatever the error, rank 0 raises it and the other ranks stop at once with a pointer to it,
+    instead of waiting at the next collective until the timeout. An OSError becomes one line naming the path."""
+    error: Exception | None = None
     result = None
     if info.is_main:
         try:
             result = fn()
-        except (Ssv2PrepError, OSError) as exc:
+        except Exception as exc:  # any error: the other ranks must learn of it (a plot's ValueError too)
             error = exc
     if all_ok(error is None, info):
         return result

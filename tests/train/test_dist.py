@@ -56,3 +56,44 @@ def test_no_visible_gpu_is_a_clear_error() -> None:
 def test_all_ok_in_one_process_is_the_local_answer() -> None:
     info = DistInfo(device=torch.device("cpu"))
     assert all_ok(True, info) and not all_ok(False, info)
+
+
+# Two gloo ranks; rank 0's write raises a ValueError (not an OSError or one of ours), as a plot of a torn metrics
+# line would. Each rank prints what it raised (a rank left waiting at the collective would time out after 20 s).
+ON_MAIN_RANKS = """
+import sys
+from ssv2prep.train.dist import init_distributed, on_main, teardown
+
+info = init_distributed("cpu", timeout_s=20)
+def write():
+    raise ValueError("bad plot data")
+try:
+    on_main(info, "write the plots", write)
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}", flush=True)
+teardown(info)
+"""
+
+
+def test_any_error_of_rank_0_in_on_main_stops_the_other_ranks_at_once() -> None:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = os.environ | {
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
+            "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+        }  # fmt: skip
+        cmd = [sys.executable, "-c", ON_MAIN_RANKS]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [out.strip() for out, _ in results] == [
+        "ValueError: bad plot data",
+        "Ssv2PrepError: rank 0 failed to write the plots (its error is in its log); stopping",
+    ], [err[-1500:] for _, err in results]
