@@ -455,7 +455,7 @@ def evaluate_checkpoint(cfg: EvalConfig, *, on_batch: Callable[[int], None] | No
         model, model_cfg, ckpt_classes = load_for_eval(cfg.checkpoint, cfg.segments)
         classes = _classes(source, ckpt_classes, model_cfg.num_classes, cfg.checkpoint)
         _check_outputs(cfg, info)
-        return _evaluate_all(cfg, info, model.to(info.device), model_cfg, source, classes, on_batch)
+        return _evaluate_all(cfg, info, model, model_cfg, source, classes, on_batch)  # eval_context places it
     finally:
         teardown(info)
 
