@@ -20,7 +20,7 @@ from rich.progress import (
 )
 
 from ssv2prep.cli.app import config_default, console, float_list, main, out, progress_bars
-from ssv2prep.train.config import OptimConfig, RuntimeConfig
+from ssv2prep.train.config import AMP_MODES, OptimConfig, RuntimeConfig
 
 
 def _optim(name: str) -> Any:
@@ -202,7 +202,7 @@ def _is_main_process() -> bool:
 )
 @click.option("--seed", type=int, default=_runtime("seed"), show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_runtime("device"), show_default=True)
-@click.option("--amp", type=click.Choice(["auto", "off", "bf16", "fp16"]), default=_runtime("amp"), show_default=True)
+@click.option("--amp", type=click.Choice(AMP_MODES), default=_runtime("amp"), show_default=True)
 @click.option("--channels-last/--no-channels-last", default=None, help="Default: on for CUDA.")
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the model.")
 @click.option(

@@ -10,7 +10,7 @@ from typing import Any
 from ssv2prep.errors import ConfigError
 from ssv2prep.train.schedule import SCHEDULES
 
-AMP_MODES = ("auto", "off", "bf16", "fp16")
+AMP_MODES = ("auto", "off", "bf16", "fp16")  # auto: bf16 where the GPU has it natively, else fp16; off: fp32
 STANDARD_INDEX = "ssv2-{split}.json"
 
 

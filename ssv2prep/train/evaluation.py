@@ -28,6 +28,7 @@ from torch import nn
 
 from ssv2prep.errors import CheckpointError, ConfigError, ShardError
 from ssv2prep.fsutil import atomic_write_bytes, make_temp
+from ssv2prep.train.config import AMP_MODES
 from ssv2prep.train.dist import DistInfo, broadcast_object, init_distributed, on_main, teardown
 from ssv2prep.train.loop import StepContext, evaluate
 from ssv2prep.train.metrics import EvalMetrics, video_metrics
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 
 CROPS = (1, 3, 5, 10)
 CLIPS = (1, 2)
-AMP_MODES = ("off", "auto", "bf16", "fp16")  # off: fp32, as the official test; auto: bf16 where supported, else fp16
 
 
 @dataclass(frozen=True, slots=True)
