@@ -129,8 +129,14 @@ def default_num_workers() -> int:
     return max(1, min(8, cores // local))
 
 
-# Keys `fit` writes into config.json beside the options: read back, they are not options and are left out.
+# Keys `fit` writes into config.json beside the options (`run_record`): read back, they are not options.
 RECORD_KEYS = frozenset({"classes", "base_lr", "history"})
+
+
+def run_record(cfg: TrainConfig, *, classes: list[str], base_lr: float, history: list[Any]) -> dict[str, Any]:
+    """A run's config.json: the options, then the `RECORD_KEYS` (the class names, the lr after scaling, and the
+    option changes of earlier resumes, when there were any)."""
+    return cfg.to_dict() | {"classes": classes, "base_lr": base_lr} | ({"history": history} if history else {})
 
 
 def load_train_config(path: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from torch import nn
 from ssv2prep.errors import CheckpointError, ConfigError
 from ssv2prep.fsutil import atomic_write_json, make_temp
 from ssv2prep.train.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ssv2prep.train.config import TrainConfig
+from ssv2prep.train.config import TrainConfig, run_record
 from ssv2prep.train.dist import (
     DistInfo,
     all_gather_objects,
@@ -234,8 +234,8 @@ def _resume_checkpoint(cfg: TrainConfig, info: DistInfo, classes: list[str], bas
     def decide() -> dict[str, Any] | None:
         cfg.out.mkdir(parents=True, exist_ok=True)
         ckpt = load_checkpoint(path) if path.is_file() else None
-        history = _config_history(cfg, ckpt)
-        atomic_write_json(cfg.out / "config.json", cfg.to_dict() | {"classes": classes, "base_lr": base_lr} | history)
+        record = run_record(cfg, classes=classes, base_lr=base_lr, history=_config_history(cfg, ckpt))
+        atomic_write_json(cfg.out / "config.json", record)
         return ckpt
 
     ckpt = on_main(info, "write the run folder", decide)
@@ -269,18 +269,18 @@ def config_changes(saved: dict[str, Any], wanted: dict[str, Any], prefix: str = 
     return out
 
 
-def _config_history(cfg: TrainConfig, ckpt: dict[str, Any] | None) -> dict[str, Any]:
-    """{"history": [...]} for config.json: earlier changes plus this resume's; raises ConfigError on changes the
-    user did not allow (`--allow-changes`)."""
+def _config_history(cfg: TrainConfig, ckpt: dict[str, Any] | None) -> list[Any]:
+    """The option changes for config.json's history: earlier ones plus this resume's; raises ConfigError on changes
+    the user did not allow (`--allow-changes`)."""
     if ckpt is None:
-        return {}
+        return []
     try:
         history = json.loads((cfg.out / "config.json").read_text(encoding="utf-8")).get("history", [])
     except (OSError, ValueError, AttributeError):
         history = []
     changes = {k: v for k, v in config_changes(ckpt["config"], cfg.to_dict()).items() if k not in FREE_KEYS}
     if not changes:
-        return {"history": history} if history else {}
+        return history
     said = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
     if not cfg.allow_changes and set(changes) - NOTED_KEYS:
         raise ConfigError(
@@ -289,7 +289,7 @@ def _config_history(cfg: TrainConfig, ckpt: dict[str, Any] | None) -> dict[str, 
         )
     log.warning("resuming %s with changed options: %s", cfg.out, said)
     entry = {"epoch": int(ckpt["epoch"]), "global_step": int(ckpt["global_step"]), "changes": changes}
-    return {"history": [*history, entry]}
+    return [*history, entry]
 
 
 def _load_scaler(scaler: Any, state: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from ssv2prep.cli import main
 from ssv2prep.data.loader import DataConfig
 from ssv2prep.errors import ConfigError
 from ssv2prep.models.tsm import ModelConfig
-from ssv2prep.train.config import OptimConfig, RuntimeConfig, TrainConfig
+from ssv2prep.train.config import OptimConfig, RuntimeConfig, TrainConfig, run_record
 from ssv2prep.train.evaluation import EvalConfig, evaluate_checkpoint
 from ssv2prep.train.loop import NonFiniteLossError
 from ssv2prep.train.report import read_metrics
@@ -667,6 +667,17 @@ def test_a_resume_under_another_amp_gets_a_fresh_loss_scaler(caplog: pytest.LogC
     off = torch.amp.GradScaler("cpu", enabled=False)
     _load_scaler(off, saved_fp16)  # fp16 -> off: the saved scale is simply unused
     assert not off.is_enabled()
+
+
+def test_the_run_record_adds_exactly_the_keys_a_config_file_read_leaves_out(tiny_shards: Path, tmp_path: Path) -> None:
+    from ssv2prep.train.config import RECORD_KEYS, load_train_config
+
+    cfg = tiny_config(tiny_shards, tmp_path / "run")
+    record = run_record(cfg, classes=["a", "b"], base_lr=0.02, history=[{"epoch": 1}])
+    assert set(record) - set(cfg.to_dict()) == RECORD_KEYS
+    assert "history" not in run_record(cfg, classes=["a"], base_lr=0.02, history=[])
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    assert load_train_config(tmp_path / "config.json") == json.loads(json.dumps(cfg.to_dict()))
 
 
 def test_config_changes_lists_every_changed_option_by_dotted_name(tiny_shards: Path, tmp_path: Path) -> None:
