@@ -156,7 +156,7 @@ def _data_config(cfg: EvalConfig, model_cfg: Any) -> Any:
 def _one_setting(
     cfg: EvalConfig,
     model: nn.Module,
-    model_cfg: Any,
+    data_cfg: Any,
     source: Any,
     crops: int,
     clips: int,
@@ -167,7 +167,7 @@ def _one_setting(
 
     loader = build_eval_loader(
         source,
-        _data_config(cfg, model_cfg),
+        data_cfg,
         crops=crops,
         clips=10 if cfg.dense else clips,
         full_res=cfg.full_res,
@@ -475,9 +475,10 @@ def _evaluate_all(
         log.info("--amp has no effect on %s: evaluating in fp32", info.device)
     log.info("evaluating on %s in %s", info.device, precision)
     rows, first = [], None
+    data_cfg = _data_config(cfg, model_cfg)  # the same for every setting (it reads the checkpoint's sizes)
     for crops, clips in cfg.settings:
         with exact_fp32(ctx.amp_dtype is None):
-            out = _one_setting(cfg, model, model_cfg, source, crops, clips, ctx, on_batch)
+            out = _one_setting(cfg, model, data_cfg, source, crops, clips, ctx, on_batch)
         if not out.keys:
             raise ShardError(f"{cfg.data}: 0 samples were read (the shards hold none the loader could use)")
         m = video_metrics(out.scores, out.labels, len(classes))
